@@ -1,0 +1,33 @@
+# Quick start: `make train` and `make test` both set up .venv on first use (idempotent, fast after).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dora-installed
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup train test fuzz clean-venv
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency spec changes. torch first, from constraints.txt, so no
+# dependency can pull a different (CUDA) build.
+$(STAMP): pyproject.toml setup.py constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+train: setup
+	$(VENV)/bin/dora-train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m "not gpu and not vllm" tests/rollout $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

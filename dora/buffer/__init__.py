@@ -1,0 +1,1 @@
+"""TrajectoryBuffer: assembles complete groups, checks versions, gates staleness and hands groups to the trainer exactly once."""

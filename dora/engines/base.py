@@ -1,0 +1,64 @@
+"""The Engine protocol: what the rollout pool needs from any inference engine (DESIGN.md, "Engines").
+
+An engine holds one or more live policy versions, samples whole groups on the version it is told,
+and streams back finished trajectories. It never changes the weights under a running sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dora.types import PromptGroup, SamplingParams, Trajectory
+
+
+@dataclass(slots=True)
+class EngineStats:
+    tokens_per_s: float = 0.0
+    """Generated tokens per second over the engine's recent window."""
+    num_generated_tokens: int = 0
+    running_per_version: dict[int, int] = field(default_factory=dict)
+    """version -> number of running sequences."""
+    waiting: int = 0
+    """Sequences submitted but not yet holding a KV slot."""
+    kv_occupancy: float = 0.0
+    """Fraction of the KV cache in use, 0..1."""
+    live_versions: list[int] = field(default_factory=list)
+    busy_s: float = 0.0
+    """Seconds spent in forward passes since start (idle time = wall - busy)."""
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    """e.g. {"routing_record": True, "multi_version_forward": True}."""
+
+
+@dataclass(slots=True)
+class GroupHandle:
+    group_id: int
+    version: int
+    engine_id: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    engine_id: int
+    max_live_versions: int
+
+    def add_version(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+        """Make `version` available for new groups. Loading happens off the decode loop and the
+        version becomes visible atomically."""
+
+    def drop_version(self, version: int) -> None:
+        """Forget `version`; an error if sequences of it are still running."""
+
+    def submit(self, group: PromptGroup, version: int, sampling: SamplingParams) -> GroupHandle:
+        """Queue all `group.num_samples` samples of `group` on `version` (which must be live)."""
+
+    def finished(self) -> AsyncIterator[Trajectory]:
+        """Async stream of finished trajectories (one per sample)."""
+
+    def abort(self, group_id: int) -> None:
+        """Stop every sample of `group_id`; they come back with FinishReason.ABORT."""
+
+    def stats(self) -> EngineStats: ...

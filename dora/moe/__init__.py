@@ -1,0 +1,1 @@
+"""MoE routing record/replay and the replay-guided expert balancer."""

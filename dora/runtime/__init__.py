@@ -1,0 +1,1 @@
+"""Wiring of the stages: inline (one process) and Ray (one machine or a cluster)."""

@@ -1,0 +1,1 @@
+"""Metrics, progress display, logging backends and timeline traces."""
