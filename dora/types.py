@@ -135,7 +135,10 @@ class PolicyVersion:
 
     version: int
     weights: Mapping[str, torch.Tensor]
-    """Named tensors in the model folder's (Hugging Face) naming."""
+    """Named tensors, the dora model's `state_dict()` naming: Hugging Face parameter names, except
+    that each MoE layer's experts are stacked as transformers (>= 5) holds them in memory,
+    `...mlp.experts.gate_up_proj` [E, 2I, D] and `...mlp.experts.down_proj` [E, D, I]. Conversion
+    to and from the per-expert on-disk layout lives in `dora.models` (folder save/load)."""
     step: int = 0
     """Train step that produced it (version v is published by step v - 1; version 0 = initial)."""
 
