@@ -18,6 +18,8 @@ Shape legend (suffixes of tensor names):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -147,40 +149,68 @@ def _check_replay(replay_ids_NK: torch.Tensor, num_tokens: int, top_k: int, num_
     return ids_NK
 
 
+MOE_IMPLS = ("loop", "grouped")
+# Forces one expert implementation everywhere ("loop" or "grouped"); unset = chosen per call.
+MOE_IMPL_ENV = "DORA_MOE_IMPL"
+
+
 def moe_experts(
     x_ND: torch.Tensor,
     ids_NK: torch.Tensor,
     weights_NK: torch.Tensor,
     gate_up_EFD: torch.Tensor,
     down_EDI: torch.Tensor,
+    *,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Dropless SwiGLU experts -> y [N, D] = sum_k weights[n, k] * expert_{ids[n, k]}(x[n]).
 
     Token slots are grouped by expert with one stable sort of the flattened ids (slot order inside
-    an expert stays token order, which keeps results independent of how the batch was grouped), each
-    expert with tokens runs one matmul pair over its contiguous slice, and the weighted outputs are
-    summed back per token with index_add. Expert weights are indexed by their first dim, so callers
-    may stack several versions' experts and offset ids by version * E. Autograd flows to x, the
-    weights and the expert parameters.
+    an expert stays token order, so the result does not depend on how the batch was grouped), each
+    expert runs its matmuls over one contiguous slice, and the weighted outputs are summed back per
+    token with index_add. Expert weights are indexed by their first dim, so callers may stack several
+    versions' experts and offset ids by version * E. Autograd flows to x, the weights and the experts.
+
+    `impl`: "loop" (the reference: one matmul pair per expert that has tokens) or "grouped" (one
+    `torch._grouped_mm` per projection, bit-identical on CPU and ~10-20% faster there, no host sync);
+    None = $DORA_MOE_IMPL, else "grouped" where supported, else "loop".
     """
     num_tokens, top_k = ids_NK.shape
     num_experts = gate_up_EFD.shape[0]
     flat_ids = ids_NK.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     token_of_slot = order // top_k
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    counts_E = torch.bincount(flat_ids, minlength=num_experts)
     x_sorted = x_ND[token_of_slot]
-    w_sorted = weights_NK.reshape(-1)[order].to(x_ND.dtype)
-    outputs = []
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        x_cD = x_sorted[start:start + count]
-        gate_cI, up_cI = F.linear(x_cD, gate_up_EFD[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate_cI) * up_cI, down_EDI[expert]))
-        start += count
-    if not outputs:
-        return torch.zeros_like(x_ND)
-    y_sorted = torch.cat(outputs) * w_sorted[:, None]
+    impl = impl or os.environ.get(MOE_IMPL_ENV) or ("grouped" if grouped_mm_supported(x_ND, gate_up_EFD, down_EDI)
+                                                    else "loop")
+    if impl == "grouped":
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        gate_up_cF = torch._grouped_mm(x_sorted, gate_up_EFD.transpose(1, 2), offs=offsets_E)
+        gate_cI, up_cI = gate_up_cF.chunk(2, dim=-1)
+        y_sorted = torch._grouped_mm(F.silu(gate_cI) * up_cI, down_EDI.transpose(1, 2), offs=offsets_E)
+    elif impl == "loop":
+        outputs, start = [], 0
+        for expert, count in enumerate(counts_E.tolist()):
+            if count:
+                gate_cI, up_cI = F.linear(x_sorted[start:start + count], gate_up_EFD[expert]).chunk(2, dim=-1)
+                outputs.append(F.linear(F.silu(gate_cI) * up_cI, down_EDI[expert]))
+                start += count
+        y_sorted = torch.cat(outputs) if outputs else x_sorted
+    else:
+        raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
+    y_sorted = y_sorted * weights_NK.reshape(-1)[order].to(x_ND.dtype)[:, None]
     return torch.zeros_like(x_ND).index_add(0, token_of_slot, y_sorted)
+
+
+def grouped_mm_supported(x_ND: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDI: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run these experts: CPU only (its CUDA kernel needs bf16 on
+    sm90+ and is not exercised by dora's tests), fp32/bf16, rows aligned to 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x_ND.device.type != "cpu":
+        return False
+    if x_ND.dtype not in (torch.float32, torch.bfloat16) or not x_ND.dtype == gate_up_EFD.dtype == down_EDI.dtype:
+        return False
+    if not (gate_up_EFD.is_contiguous() and down_EDI.is_contiguous()):
+        return False
+    align = 16 // x_ND.element_size()
+    return x_ND.shape[-1] % align == 0 and down_EDI.shape[-1] % align == 0

@@ -29,8 +29,37 @@ def test_moe_experts_matches_naive_loop(num_tokens, num_experts, top_k, seed):
     weights, ids = ops.route(logits, top_k, norm_topk_prob=bool(seed % 2))
     gate_up = torch.randn(num_experts, 2 * I, D, generator=g, dtype=torch.float64)
     down = torch.randn(num_experts, D, I, generator=g, dtype=torch.float64)
-    got = ops.moe_experts(x, ids, weights, gate_up, down)
+    got = ops.moe_experts(x, ids, weights, gate_up, down, impl="loop")
     torch.testing.assert_close(got, _naive_experts(x, ids, weights, gate_up, down))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@given(num_tokens=st.integers(0, 40), num_experts=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_grouped_impl_matches_loop_values_and_gradients(num_tokens, num_experts, seed):
+    g = torch.Generator().manual_seed(seed)
+    D, I = 16, 8
+    x = torch.randn(num_tokens, D, generator=g)
+    weights, ids = ops.route(torch.randn(num_tokens, num_experts, generator=g), min(2, num_experts), True)
+    gate_up = torch.randn(num_experts, 2 * I, D, generator=g)
+    down = torch.randn(num_experts, D, I, generator=g)
+    assert ops.grouped_mm_supported(x, gate_up, down)
+    results = {}
+    for impl in ops.MOE_IMPLS:
+        leaves = [t.clone().requires_grad_() for t in (x, weights, gate_up, down)]
+        y = ops.moe_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], impl=impl)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        # With no tokens at all the loop never touches the experts (grad None): same as zeros.
+        results[impl] = [y.detach()] + [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+    for loop, grouped in zip(results["loop"], results["grouped"]):
+        torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_impl_choice():
+    x, gu, dn = torch.zeros(2, 16), torch.zeros(3, 16, 16), torch.zeros(3, 16, 8)
+    assert not ops.grouped_mm_supported(x.double(), gu.double(), dn.double())
+    assert not ops.grouped_mm_supported(torch.zeros(2, 6), torch.zeros(3, 16, 6), torch.zeros(3, 6, 8))
+    with pytest.raises(ValueError, match="moe impl"):
+        ops.moe_experts(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), gu, dn, impl="fast")
 
 
 def test_moe_experts_stacked_versions_offset_ids():
