@@ -201,8 +201,10 @@ class DecoderLM(nn.Module):
     ) -> ModelOutput:
         """Full causal forward over right-padded rows (`attention_mask_BS` 1 = real token).
 
-        `replay_BSLK` (any integer dtype, e.g. a stacked `Trajectory.routing`) makes MoE layer l use
-        `replay_BSLK[:, :, l]` as its expert ids; positions are `0..S-1` unless given.
+        `replay_BSLK` (any integer dtype, e.g. stacked `Trajectory.routing`) makes MoE layer l use
+        `replay_BSLK[:, :, l]` as its expert ids. Positions with no record (right padding, the last
+        sampled token, which the engine never fed back) may hold any valid id such as 0: causal
+        attention keeps them from touching earlier positions. Positions are `0..S-1` unless given.
         """
         cfg = self.config
         if input_ids_BS.dim() != 2:
