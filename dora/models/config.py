@@ -181,6 +181,16 @@ class ModelConfig:
     def replace(self, **overrides: Any) -> ModelConfig:
         return replace(self, **overrides)
 
+    def with_tokenizer(self, tokenizer: Any) -> ModelConfig:
+        """This config with the tokenizer's bos/eos/pad ids (written to config.json, so transformers
+        and vLLM stop on the same eos); an error if the tokenizer has more ids than the vocabulary."""
+        if tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than "
+                             f"model.vocab_size ({self.vocab_size})")
+        eos = tokenizer.eos_token_id
+        return replace(self, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_ids=[] if eos is None else [eos])
+
     # ----------------------------------------------------------------- presets
 
     @classmethod

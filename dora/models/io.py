@@ -211,9 +211,12 @@ def save_model(model: DecoderLM, folder: str | os.PathLike, tokenizer: Any = Non
                max_shard_bytes: int | None = None) -> Path:
     """Write `model` as a Hugging Face folder (config.json, generation_config.json, safetensors,
     sharded with an index when larger than `max_shard_bytes`) plus the tokenizer if given."""
+    cfg = model.config
+    if tokenizer is not None and getattr(tokenizer, "vocab_size", 0) > cfg.vocab_size:
+        raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
+                         f"vocab_size ({cfg.vocab_size}): its ids would index past the embeddings")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
     hf_sd = {k: v.detach().to("cpu").contiguous().clone()
              for k, v in to_hf_state_dict(model.state_dict(), cfg).items()}
     dtypes = {t.dtype for t in hf_sd.values()}

@@ -163,3 +163,17 @@ def test_folder_errors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="never loaded"):
         load_state_dict(tmp_path)
+
+
+def test_saves_the_char_tokenizer_with_its_special_ids(tmp_path):
+    from dora.data.tokenizer import CharTokenizer, load_tokenizer
+
+    tok = CharTokenizer()
+    cfg = ModelConfig.tiny().with_tokenizer(tok)
+    assert cfg.eos_token_ids == [tok.eos_token_id] and cfg.pad_token_id == tok.pad_token_id
+    save_model(DecoderLM.from_config(cfg), tmp_path, tokenizer=tok)
+    assert load_tokenizer(tmp_path).encode("12+3") == tok.encode("12+3")
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    small = DecoderLM.from_config(ModelConfig.tiny(vocab_size=64))
+    with pytest.raises(ValueError, match=r"tokenizer vocabulary \(100\) is larger"):
+        save_model(small, tmp_path / "small", tokenizer=tok)
