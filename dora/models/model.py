@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dora.models import ops
 from dora.models.config import ModelConfig
@@ -151,6 +152,8 @@ class DecoderLM(nn.Module):
         self.config = cfg
         self.model = DecoderBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        """Recompute each layer's activations in backward instead of storing them (training only)."""
         self.tie_weights()
 
     @classmethod
@@ -218,7 +221,11 @@ class DecoderLM(nn.Module):
         routing: list[torch.Tensor] = []
         for layer in self.model.layers:
             replay_NK = replay_LNK[len(routing)] if replay_LNK is not None and layer.is_moe else None
-            x_BSD, ids_NK = layer(x_BSD, cos_BSD, sin_BSD, attention_mask_BS, replay_NK)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x_BSD, ids_NK = checkpoint(layer, x_BSD, cos_BSD, sin_BSD, attention_mask_BS, replay_NK,
+                                           use_reentrant=False)
+            else:
+                x_BSD, ids_NK = layer(x_BSD, cos_BSD, sin_BSD, attention_mask_BS, replay_NK)
             if ids_NK is not None:
                 routing.append(ids_NK)
         h_BSD = self.model.norm(x_BSD)

@@ -107,3 +107,16 @@ def test_init_is_deterministic_and_tied_embeddings():
     tied = DecoderLM.from_config(cfg.replace(tie_word_embeddings=True), seed=3)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert tied.num_parameters() == a.num_parameters() - 64 * 128
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    cfg = ModelConfig.tiny(vocab_size=64, num_hidden_layers=2)
+    grads = []
+    for ckpt in (False, True):
+        m = DecoderLM.from_config(cfg, seed=5).train()
+        m.activation_checkpointing = ckpt
+        out = m(_ids(), attention_mask_BS=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
+        out.logits_BSV.log_softmax(-1)[..., 0].sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
