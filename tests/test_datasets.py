@@ -43,7 +43,7 @@ def test_response_lengths_have_a_long_tail():
 
 
 def test_synthetic_heldout_is_disjoint_and_deterministic():
-    for source in ("arithmetic", "reverse"):
+    for source in ("arithmetic", "reverse", "countdown"):
         config = DataConfig(source=source, train_size=3000, eval_size=256, seed=3)
         a, b = build_dataset(config), build_dataset(config)
         assert [r.prompt for r in a.eval] == [r.prompt for r in b.eval]
@@ -53,6 +53,13 @@ def test_synthetic_heldout_is_disjoint_and_deterministic():
         assert held.isdisjoint(r.prompt for r in a.train)
     other_seed = build_dataset(DataConfig(train_size=10, eval_size=10, seed=4))
     assert [r.prompt for r in other_seed.eval] != [r.prompt for r in build_dataset(DataConfig(train_size=10, eval_size=10)).eval]
+
+
+def test_countdown_rows_are_solvable():
+    for row in build_dataset(DataConfig(source="countdown", train_size=200, eval_size=0)).train:
+        numbers, target = row.meta["numbers"], row.meta["target"]
+        assert row.prompt == f"cd:{','.join(map(str, numbers))}>{target}=" and 0 < target <= 1000
+        assert eval(reference_solution(row)) == target  # noqa: S307 (our own generated expression)
 
 
 def test_reverse_task():
@@ -102,7 +109,7 @@ def test_row_without_prompt_field_names_file_and_row(tmp_path):
 
 
 def test_unknown_dataset_lists_registered_ones():
-    with pytest.raises(ValueError, match="arithmetic.*reverse"):
+    with pytest.raises(ValueError, match="arithmetic, countdown, reverse"):
         build_dataset(DataConfig(source="gsm9k"))
 
 

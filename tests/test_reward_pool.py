@@ -117,7 +117,7 @@ def test_close_is_idempotent_and_rejects_later_calls():
 
 
 def test_bad_config_and_inputs_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown reward 'nope'; registered: arithmetic, exact_match, math"):
+    with pytest.raises(ValueError, match="unknown reward 'nope'; registered: arithmetic, countdown, exact_match, math"):
         RewardPool(RewardConfig(name="nope"), TOK)
     with pytest.raises(ValueError, match="reward.execution"):
         RewardConfig(execution="sometimes")

@@ -66,6 +66,7 @@ def test_exact_match():
 @pytest.fixture(scope="module")
 def synthetic_rows():
     rows = list(build_dataset(DataConfig(train_size=200, eval_size=0, operations=["+", "*"])).train)
+    rows += build_dataset(DataConfig(source="countdown", train_size=100, eval_size=0)).train
     return rows + list(build_dataset(DataConfig(source="reverse", train_size=100, eval_size=0)).train)
 
 
@@ -100,8 +101,17 @@ def test_arithmetic_partial_credit_rewards_format_and_correct_steps():
         arithmetic("1+1=2|2", "2", meta, partial_credit=1.5)
 
 
+@pytest.mark.parametrize("response, score", [
+    ("(6-3)*7", 1.0), ("7*(6-3)", 1.0), (" 7*3 ", 1.0), ("7*7-3*6+(-0)", 0.0), ("6*7", 0.1 * (1 + 0) / 2),
+    ("3*7+6-6", 0.0), ("__import__('os')", 0.0), ("7*3*1", 0.0), ("6+7+3", 0.1 * (1 + 16 / 21) / 2), ("6+", 0.0),
+])
+def test_countdown_verifier(response, score):
+    meta = {"task": "countdown", "numbers": [3, 6, 7], "target": 21}
+    assert get_reward("countdown")(response, "21", meta, partial_credit=0.1).score == pytest.approx(score)
+
+
 def test_unknown_reward_lists_registered_ones():
-    with pytest.raises(ValueError, match="unknown reward 'nope'.*arithmetic, exact_match, math, reverse, synthetic"):
+    with pytest.raises(ValueError, match="unknown reward 'nope'; registered: arithmetic, countdown, exact_match, math, reverse, synthetic"):
         get_reward("nope")
     with pytest.raises(ValueError, match="synthetic reward"):
         get_reward("synthetic")("1", "1", {"task": "chess"})

@@ -14,6 +14,9 @@ which a synchronous trainer waits for its slowest sample.
 
 **reverse**: `rev:abc=` answered by `cba`; string lengths follow a long-tailed distribution.
 
+**countdown**: `cd:3,7,25>46=` answered by an expression over some of the numbers (each used at most
+once, `+ - *` and parentheses) whose value is the target, e.g. `(3*7)+25`.
+
 Rows are generated deterministically from (seed, split, index) and the held-out prompts are
 excluded from training by text, so the two splits never share a prompt. `reference_solution(row)`
 gives the full response text, for the supervised warm start and the verifiers' partial credit.
@@ -85,6 +88,26 @@ def reverse_row(rng: random.Random, config: DataConfig) -> Row:
     return Row(prompt=f"rev:{text}=", answer=text[::-1], meta={"task": "reverse", "length": length})
 
 
+def countdown_row(rng: random.Random, config: DataConfig) -> Row:
+    # 2-4 numbers combined by a random expression tree; its value (1..1000) is the target.
+    while True:
+        count = rng.choices((2, 3, 4), weights=(4, 3, 2))[0]
+        numbers = [rng.randint(1, 10) if rng.random() < 0.8 else rng.choice((25, 50, 75, 100)) for _ in range(count)]
+        items = [(str(n), n) for n in numbers]  # (expression, value)
+        while len(items) > 1:
+            (left, a), (right, b) = (items.pop(rng.randrange(len(items))) for _ in range(2))
+            op = rng.choice("+-*")
+            if op == "-" and a < b:
+                (left, a), (right, b) = (right, b), (left, a)
+            items.append((f"({left}{op}{right})", a + b if op == "+" else a - b if op == "-" else a * b))
+        expression, target = items[0]
+        if 0 < target <= 1000:
+            break
+    numbers.sort()
+    meta = {"task": "countdown", "numbers": numbers, "target": target, "solution": expression[1:-1]}
+    return Row(prompt=f"cd:{','.join(map(str, numbers))}>{target}=", answer=str(target), meta=meta)
+
+
 def reference_solution(row: Row) -> str:
     """The full response a perfect policy writes for a synthetic row (without the EOS token)."""
     task = row.meta.get("task")
@@ -92,6 +115,8 @@ def reference_solution(row: Row) -> str:
         return STEP_SEP.join(arithmetic_steps(row.meta["a"], row.meta["b"], row.meta["op"])) + ANSWER_MARK + str(row.answer)
     if task == "reverse":
         return str(row.answer)
+    if task == "countdown":
+        return row.meta["solution"]
     raise ValueError(f"row {row.prompt!r} is not from a built-in synthetic task (meta.task={task!r})")
 
 
@@ -129,3 +154,8 @@ def arithmetic(config: DataConfig) -> DatasetSplits:
 @register_dataset("reverse")
 def reverse(config: DataConfig) -> DatasetSplits:
     return synthetic_splits(reverse_row, config)
+
+
+@register_dataset("countdown")
+def countdown(config: DataConfig) -> DatasetSplits:
+    return synthetic_splits(countdown_row, config)

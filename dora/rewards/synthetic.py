@@ -3,13 +3,17 @@
 A correct final answer scores 1.0. With `partial_credit = p > 0` a wrong answer scores at most p:
 - arithmetic: a well-formed scratchpad (`x+y[+c]=s,...|result`) with a wrong result scores
   `p * (1 + f) / 2`, f = fraction of columns that match the reference scratchpad; malformed = 0;
-- reverse: `p * f`, f = fraction of positions holding the right letter.
+- reverse: `p * f`, f = fraction of positions holding the right letter;
+- countdown: an expression that uses only the given numbers (each at most once) but misses the
+  target scores `p * (1 + c) / 2`, c = max(0, 1 - |value - target| / target); anything else 0.
 `synthetic` dispatches on `meta["task"]`, so one reward serves a mix of tasks.
 """
 
 from __future__ import annotations
 
+import ast
 import re
+from collections import Counter
 from typing import Any
 
 from dora.data.tasks import ANSWER_MARK, STEP_SEP, arithmetic_steps
@@ -55,7 +59,52 @@ def reverse(response: str, answer: Any, meta: dict[str, Any], *, partial_credit:
     return RewardResult(partial_credit * positions, {"positions_correct": positions})
 
 
-_TASKS = {"arithmetic": arithmetic, "reverse": reverse}
+_EXPRESSION_CHARS = re.compile(r"[0-9+\-*() ]{1,200}")
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+
+
+def evaluate_expression(text: str) -> tuple[int, list[int]] | None:
+    """(value, numbers used) of an integer `+ - *` expression, or None if it is not one."""
+    if not _EXPRESSION_CHARS.fullmatch(text):
+        return None  # only digits, operators, parentheses: nothing else reaches the parser
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    used: list[int] = []
+
+    def value(node: ast.AST) -> int | None:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = value(node.left), value(node.right)
+            return None if left is None or right is None else _OPS[type(node.op)](left, right)
+        return None
+
+    result = value(tree)
+    return None if result is None else (result, used)
+
+
+@register("countdown", inline=True)
+def countdown(response: str, answer: Any, meta: dict[str, Any], *, partial_credit: float = 0.0) -> RewardResult:
+    _check_credit(partial_credit)
+    if "numbers" not in meta:
+        raise ValueError("countdown reward needs meta['numbers'] (rows from dora.data.tasks carry them)")
+    target = int(answer)
+    evaluated = evaluate_expression(response.strip())
+    if evaluated is None:
+        return RewardResult(0.0, {"valid": False})
+    result, used = evaluated
+    if Counter(used) - Counter(meta["numbers"]):  # a number not given, or used too often
+        return RewardResult(0.0, {"valid": False, "value": result})
+    if result == target:
+        return RewardResult(1.0, {"valid": True, "value": result})
+    closeness = max(0.0, 1.0 - abs(result - target) / max(abs(target), 1))
+    return RewardResult(partial_credit * (1 + closeness) / 2, {"valid": True, "value": result})
+
+
+_TASKS = {"arithmetic": arithmetic, "reverse": reverse, "countdown": countdown}
 
 
 @register("synthetic", inline=True)
