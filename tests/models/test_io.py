@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from dora.models.config import ModelConfig, ModelType
@@ -102,6 +104,12 @@ def test_transformers_qwen3_moe_loads_into_dora(tmp_path):
     ids = _ids(64)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits_BSV, _hf_logits(hf, ids), rtol=1e-5, atol=1e-5)
+        # Right padding: real positions agree with transformers' own masking.
+        mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+        hf_padded = hf(input_ids=ids, attention_mask=mask).logits
+        ours_padded = ours(ids, attention_mask_BS=mask).logits_BSV
+    real = mask.bool()
+    torch.testing.assert_close(ours_padded[real], hf_padded[real], rtol=1e-5, atol=1e-5)
 
 
 def test_dora_folder_loads_in_transformers(tmp_path):
@@ -177,3 +185,31 @@ def test_saves_the_char_tokenizer_with_its_special_ids(tmp_path):
     small = DecoderLM.from_config(ModelConfig.tiny(vocab_size=64))
     with pytest.raises(ValueError, match=r"tokenizer vocabulary \(100\) is larger"):
         save_model(small, tmp_path / "small", tokenizer=tok)
+
+
+@settings(max_examples=25)  # each example builds, saves and reloads a model
+@given(data=st.data())
+def test_random_architectures_round_trip(tmp_path_factory, data):
+    model_type = data.draw(st.sampled_from(list(ModelType)))
+    layers = data.draw(st.integers(1, 3))
+    kv_heads = data.draw(st.sampled_from([1, 2]))
+    arch = dict(model_type=model_type, vocab_size=data.draw(st.integers(8, 40)), hidden_size=32,
+                num_hidden_layers=layers, num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads,
+                head_dim=data.draw(st.sampled_from([8, 16])), intermediate_size=24,
+                tie_word_embeddings=data.draw(st.booleans()))
+    if model_type is ModelType.QWEN3_MOE:
+        experts = data.draw(st.integers(0, 4))
+        arch.update(num_experts=experts, num_experts_per_tok=min(experts, 2) or 1, moe_intermediate_size=12,
+                    decoder_sparse_step=data.draw(st.integers(1, 2)),
+                    mlp_only_layers=data.draw(st.lists(st.integers(0, layers - 1), unique=True)))
+    else:
+        arch.update(num_experts=0)
+    if model_type in (ModelType.QWEN3, ModelType.LLAMA):
+        arch.update(attention_bias=data.draw(st.booleans()))
+    model = _randomise(DecoderLM.from_config(ModelConfig.tiny(**arch), seed=data.draw(st.integers(0, 99))))
+    folder = tmp_path_factory.mktemp("arch")
+    save_model(model, folder, max_shard_bytes=data.draw(st.sampled_from([None, 20_000])))
+    loaded = load_model(folder)
+    assert loaded.config == model.config
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
