@@ -132,3 +132,14 @@ def test_dataset_by_import_path(monkeypatch):
 def test_config_validation_names_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         DataConfig(**kwargs)
+
+
+def test_config_composes_with_omegaconf():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(DataConfig)
+    node.operations = ["+", "*"]
+    assert OmegaConf.to_object(node).operations == ["+", "*"]
+    node.n = 0
+    with pytest.raises(ValueError, match=r"data\.n must be >= 1"):
+        OmegaConf.to_object(node)

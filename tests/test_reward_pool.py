@@ -82,7 +82,7 @@ def test_raising_dying_and_invalid_rewards_are_recorded_with_sample_ids():
 
 def test_score_async_from_an_event_loop():
     groups, trajs = zip(*(make(g, ["ok", "no"]) for g in range(3)))
-    config = RewardConfig(name=FIXTURE, execution=RewardExecution.POOL, max_workers=2, timeout_s=5.0)
+    config = RewardConfig(name=FIXTURE, execution=RewardExecution.pool, max_workers=2, timeout_s=5.0)
 
     async def main(pool):
         ticks = 0
@@ -140,3 +140,16 @@ def test_workers_that_cannot_start_fail_the_calls_not_the_run(monkeypatch):
     assert all("could not start (exit code 1)" in t.reward_info["error"] for t in trajs)
     assert pool.stats().num_failures["crash"] == 3
     assert no_leaked_workers()
+
+
+def test_config_composes_with_omegaconf():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(RewardConfig)
+    node.execution = "pool"  # how a YAML file or a command-line override spells it
+    node.options = {"partial_credit": 0.1}
+    config = OmegaConf.to_object(node)
+    assert config.execution is RewardExecution.pool and config.options == {"partial_credit": 0.1}
+    node.max_workers = 0
+    with pytest.raises(ValueError, match="reward.max_workers"):
+        OmegaConf.to_object(node)

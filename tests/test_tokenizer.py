@@ -100,3 +100,18 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(ValueError, match="holds no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_tokenizers_only_path_without_transformers(tmp_path, monkeypatch):
+    """Without transformers, a Hugging Face folder is read with `tokenizers` and its special-token files."""
+    CharTokenizer().save(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # makes `import transformers` fail
+    tok = HFTokenizer(tmp_path)
+    char = CharTokenizer()
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.vocab_size) == (1, 2, 0, 100)
+    assert tok.encode(TEXTS[2]) == char.encode(TEXTS[2])
+    assert tok.decode([1, *char.encode("42"), 2]) == "42"
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template("hi")
+    tok.save(tmp_path / "copy")
+    assert isinstance(load_tokenizer(tmp_path / "copy"), CharTokenizer)

@@ -37,9 +37,10 @@ START_METHODS = ("forkserver", "spawn")
 
 
 class RewardExecution(str, enum.Enum):
-    AUTO = "auto"  # inline if the reward is registered inline=True, else worker processes
-    INLINE = "inline"
-    POOL = "pool"
+    # Lower-case member names: OmegaConf matches enum values by name, so `reward.execution=pool` works.
+    auto = "auto"  # inline if the reward is registered inline=True, else worker processes
+    inline = "inline"
+    pool = "pool"
 
 
 class FailureKind(str, enum.Enum):
@@ -55,7 +56,7 @@ class RewardConfig:
     """A registered reward (see dora.rewards.registry) or an import path 'package.module:fn'."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the reward function (e.g. partial_credit)."""
-    execution: RewardExecution = RewardExecution.AUTO
+    execution: RewardExecution = RewardExecution.auto
     max_workers: int = 2
     timeout_s: float = 10.0
     """Per call, from the moment a worker receives it; then the worker is killed and replaced."""
@@ -312,8 +313,8 @@ class RewardPool:
         self.config = config
         self.tokenizer = tokenizer
         self.fn = get_reward(config.name)
-        self.inline = config.execution is RewardExecution.INLINE or (
-            config.execution is RewardExecution.AUTO and is_inline(self.fn))
+        self.inline = config.execution is RewardExecution.inline or (
+            config.execution is RewardExecution.auto and is_inline(self.fn))
         self._workers: _WorkerPool | None = None
         if not self.inline:
             try:
