@@ -1,0 +1,359 @@
+"""The embedded torch engine: continuous batching over a preallocated KV cache, several live versions
+in one forward pass per step, behavior log-probs and the MoE routing record. CPU and CUDA.
+
+Where it sits: the rollout pool submits groups to an `Engine` (dora/engines/base.py) and consumes
+its `finished()` stream; this is the default engine. Inside, one step is: drain submissions and
+aborts -> `Scheduler.plan` (admission, decode rows, prefill chunks) -> `PackedForward.forward` ->
+`sampler.sample` -> `Scheduler.commit` -> finished trajectories.
+
+Two ways to drive it:
+- `step()`: one scheduler iteration in the caller's thread, returning what finished (tests, inline).
+- `start()`: a background worker thread runs steps while there is work; `finished()` (async, on the
+  event loop) yields trajectories handed over with `loop.call_soon_threadsafe`. Torch never runs
+  on the event-loop thread. `close()` stops the worker and ends the stream.
+
+Threads: `submit`, `abort`, `add_version` and `drop_version` may be called from any thread. Version
+weights are prepared in the caller's thread and published by swapping one reference, so the decode
+loop never waits for a load; it reads the live set once per step, so a version can only appear or
+disappear between steps, and `drop_version` refuses while any sequence of that version exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from hydra.core.config_store import ConfigStore
+
+from dora.engines import ENGINES
+from dora.engines.base import EngineStats, GroupHandle
+from dora.engines.kv_cache import SlotCache
+from dora.engines.sampler import sample
+from dora.engines.scheduler import GroupState, Scheduler
+from dora.engines.torch_forward import PackedForward
+from dora.engines.versions import LiveVersions, VersionWeights, prepare_version
+from dora.models.config import DTYPES, ModelConfig
+from dora.types import FinishReason, PromptGroup, SamplingParams, Trajectory
+
+_STATS_WINDOW_S = 5.0
+
+
+@dataclass(slots=True)
+class TorchEngineConfig:
+    device: str = "cpu"
+    """"cpu", "cuda" or "cuda:N"."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16 (weights, activations and KV cache)."""
+    max_num_seqs: int = 64
+    """KV-cache slots: sequences decoding at once."""
+    max_model_len: int = 1024
+    """Positions per slot: prompt + response tokens of one sequence."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step: decodes first, the rest prefill chunks. Must be >= max_num_seqs."""
+    max_live_versions: int = 2
+    num_threads: int | None = None
+    """torch.set_num_threads at construction (None leaves the process setting alone)."""
+    seed: int = 0
+    """Draws the base seed of groups submitted without `SamplingParams.seed`."""
+    engine_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"engine.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"engine.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"engine.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for key in ("max_num_seqs", "max_model_len", "max_live_versions"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_model_len < 2:
+            raise ValueError(f"engine.max_model_len must be >= 2 (a prompt token and a response token), "
+                             f"got {self.max_model_len}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"engine.max_num_seqs ({self.max_num_seqs}) so prefill always gets budget")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"engine.num_threads must be >= 1 or None, got {self.num_threads}")
+
+
+ConfigStore.instance().store(group="engine", name="torch_schema", node=TorchEngineConfig)
+
+
+class _Stream:
+    """Thread-safe hand-off of finished trajectories to the asyncio loop that consumes them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: collections.deque[Trajectory | None] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def put(self, items: list[Trajectory | None]) -> None:
+        if not items:
+            return
+        with self._lock:
+            self._items.extend(items)
+            loop, event = self._loop, self._event
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    async def get(self) -> Trajectory | None:
+        with self._lock:
+            if self._loop is None:
+                self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+            elif self._loop is not asyncio.get_running_loop():
+                raise RuntimeError("the finished() stream is bound to another event loop")
+        assert self._event is not None
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+                self._event.clear()
+            await self._event.wait()
+
+
+@ENGINES.register("torch")
+class TorchEngine:
+    """Implements `dora.engines.base.Engine`."""
+
+    def __init__(self, model_config: ModelConfig, config: TorchEngineConfig | None = None) -> None:
+        self.model_config = model_config
+        self.config = config = config or TorchEngineConfig()
+        if config.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"engine.max_model_len ({config.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({model_config.max_position_embeddings})")
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.engine_id = config.engine_id
+        self.max_live_versions = config.max_live_versions
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        cfg = model_config
+        self.cache = SlotCache(
+            num_layers=cfg.num_hidden_layers, num_slots=config.max_num_seqs, max_len=config.max_model_len,
+            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, num_moe_layers=cfg.num_moe_layers,
+            top_k=cfg.num_experts_per_tok, routing_dtype=cfg.routing_dtype, dtype=self.dtype, device=self.device)
+        self._forward = PackedForward(cfg, self.cache, self.dtype, self.device)
+        self._scheduler = Scheduler(self.cache, config.max_num_batched_tokens, self.device)
+        self._seed_rng = random.Random(config.seed)
+
+        # `_lock` guards what other threads touch: the inbox, the live set, the per-version counts.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._version_lock = threading.Lock()  # serialises add/drop (held while preparing weights)
+        self._live = LiveVersions.build([])
+        self._inbox: list[GroupState] = []
+        self._aborts: list[int] = []
+        self._group_remaining: dict[int, int] = {}  # group_id -> samples not yet returned
+        self._active_per_version: collections.Counter[int] = collections.Counter()
+
+        self._stream = _Stream()
+        self._worker: threading.Thread | None = None
+        self._closing = False
+        self._worker_error: BaseException | None = None
+        self._busy_s = 0.0
+        self._num_generated = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        # Scheduler state as of the end of the last step, for other threads (the scheduler itself is
+        # touched only by the stepping thread): (has work, running per version, waiting, slots used).
+        self._snapshot: tuple[bool, dict[int, int], int, int] = (False, {}, 0, 0)
+
+    # ------------------------------------------------------------------ versions
+
+    def add_version(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+        with self._version_lock:
+            live = self._live
+            if version in live:
+                raise ValueError(f"version {version} is already live on engine {self.engine_id}")
+            if len(live.versions) >= self.max_live_versions:
+                raise ValueError(f"engine {self.engine_id} already holds max_live_versions="
+                                 f"{self.max_live_versions} versions {list(live.versions)}; drop one first")
+            prepared = prepare_version(self.model_config, version, weights, dtype=self.dtype, device=self.device)
+            new_live = LiveVersions.build([*live.weights, prepared])
+            with self._lock:
+                self._live = new_live
+
+    def drop_version(self, version: int) -> None:
+        with self._version_lock:
+            with self._lock:
+                live = self._live
+                if version not in live:
+                    raise ValueError(f"version {version} is not live on engine {self.engine_id}; "
+                                     f"live: {list(live.versions)}")
+                if self._active_per_version[version]:
+                    raise ValueError(f"cannot drop version {version}: {self._active_per_version[version]} "
+                                     f"sequences of it are still waiting or running")
+                kept: list[VersionWeights] = [w for w in live.weights if w.version != version]
+            new_live = LiveVersions.build(kept)
+            with self._lock:
+                self._live = new_live
+
+    @property
+    def live_versions(self) -> list[int]:
+        return list(self._live.versions)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, group: PromptGroup, version: int, sampling: SamplingParams) -> GroupHandle:
+        cfg, ecfg = self.model_config, self.config
+        prompt = group.prompt_ids
+        where = f"group {group.group_id} (prompt {group.prompt_id})"
+        if len(prompt) >= ecfg.max_model_len:
+            raise ValueError(f"{where}: prompt of {len(prompt)} tokens leaves no room for a response in "
+                             f"engine.max_model_len={ecfg.max_model_len}")
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
+        if bad:
+            raise ValueError(f"{where}: prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad_stop:
+            raise ValueError(f"{where}: stop_token_ids {bad_stop} are outside the vocabulary [0, {cfg.vocab_size})")
+        if group.num_samples > ecfg.max_num_seqs:
+            raise ValueError(f"{where}: num_samples={group.num_samples} exceeds engine.max_num_seqs="
+                             f"{ecfg.max_num_seqs} (a group's samples run together)")
+        with self._lock:
+            if version not in self._live:
+                raise ValueError(f"{where}: version {version} is not live on engine {self.engine_id}; "
+                                 f"live: {list(self._live.versions)}")
+            if group.group_id in self._group_remaining:
+                raise ValueError(f"{where}: group_id {group.group_id} is already running on this engine")
+            base_seed = sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(62)
+            self._inbox.append(GroupState(group=group, version=version, sampling=sampling, base_seed=base_seed,
+                                          queued_at=time.monotonic(), stop_ids=frozenset(sampling.stop_token_ids)))
+            self._group_remaining[group.group_id] = group.num_samples
+            self._active_per_version[version] += group.num_samples
+            self._wake.notify()
+        return GroupHandle(group_id=group.group_id, version=version, engine_id=self.engine_id)
+
+    def abort(self, group_id: int) -> None:
+        """Samples come back with FinishReason.ABORT (partial responses) from the next step; a group
+        this engine does not hold (unknown or already finished) is ignored."""
+        with self._lock:
+            if group_id in self._group_remaining:
+                self._aborts.append(group_id)
+                self._wake.notify()
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self._aborts) or self._snapshot[0]
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[Trajectory]:
+        """One scheduler iteration in the caller's thread -> trajectories finished in it."""
+        if self._worker is not None:
+            raise RuntimeError("step() cannot be called while the background worker runs (see start())")
+        return self._step()
+
+    def _step(self) -> list[Trajectory]:
+        with self._lock:
+            live = self._live
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        sched = self._scheduler
+        sched.waiting.extend(inbox)
+        finished: list[tuple] = []
+        for group_id in aborts:
+            seqs = sched.remove_group(group_id)
+            finished.extend((s, FinishReason.ABORT) for s in seqs or ())
+
+        plan = sched.plan(live)
+        if plan is not None:
+            t0 = time.perf_counter()
+            logits_RV = self._forward.forward(live, plan.inputs)
+            tokens_R, logprobs_R = sample(logits_RV, plan.sampling)
+            finished.extend(sched.commit(plan, tokens_R, logprobs_R, self.config.max_model_len))
+            elapsed = time.perf_counter() - t0
+            self._busy_s += elapsed
+            self._num_generated += len(plan.sampled)
+            now = time.monotonic()
+            with self._lock:
+                self._recent.append((now, len(plan.sampled)))
+                while self._recent and self._recent[0][0] < now - _STATS_WINDOW_S:
+                    self._recent.popleft()
+
+        trajectories = []
+        for seq, reason in finished:
+            trajectories.append(sched.trajectory(seq, reason, self.engine_id))
+            sched.release(seq)
+        with self._lock:
+            for t in trajectories:
+                self._active_per_version[t.version] -= 1
+                assert self._active_per_version[t.version] >= 0, f"version {t.version} count went negative"
+                self._group_remaining[t.group_id] -= 1
+                if not self._group_remaining[t.group_id]:
+                    del self._group_remaining[t.group_id]
+            self._snapshot = (sched.has_work(), sched.running_per_version(), sched.num_waiting_seqs(),
+                              sched.slots.num_used)
+        return trajectories
+
+    # ------------------------------------------------------------------ background worker + async stream
+
+    def start(self) -> None:
+        """Run steps in a background thread whenever there is work; results go to `finished()`."""
+        if self._worker is not None:
+            raise RuntimeError("the engine's worker is already running")
+        self._closing = False
+        self._worker = threading.Thread(target=self._run, name=f"dora-torch-engine-{self.engine_id}", daemon=True)
+        self._worker.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._closing or self._inbox or self._aborts or self._snapshot[0]):
+                        self._wake.wait()
+                    if self._closing:
+                        return
+                self._stream.put(list(self._step()))
+        except BaseException as e:  # surfaced to the consumer of finished() and to close()
+            self._worker_error = e
+            self._stream.put([None])
+            raise
+
+    def close(self) -> None:
+        """Stop the worker (running sequences stay where they are) and end the `finished()` stream."""
+        worker = self._worker
+        if worker is None:
+            return
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        worker.join()
+        self._worker = None
+        self._stream.put([None])
+        if self._worker_error is not None:
+            raise RuntimeError(f"engine {self.engine_id} worker failed") from self._worker_error
+
+    async def finished(self) -> AsyncIterator[Trajectory]:
+        while True:
+            item = await self._stream.get()
+            if item is None:
+                if self._worker_error is not None:
+                    raise RuntimeError(f"engine {self.engine_id} worker failed") from self._worker_error
+                return
+            yield item
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            recent = list(self._recent)
+            _, running, waiting, used = self._snapshot
+            span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
+            rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+            return EngineStats(
+                tokens_per_s=rate, num_generated_tokens=self._num_generated, running_per_version=dict(running),
+                waiting=waiting + sum(g.group.num_samples for g in self._inbox),
+                kv_occupancy=used / self.cache.num_slots, live_versions=list(self._live.versions),
+                busy_s=self._busy_s,
+                capabilities={"routing_record": self.model_config.is_moe, "multi_version_forward": True,
+                              "behavior_logprobs": True})

@@ -1,0 +1,224 @@
+"""One forward pass of the torch engine over a packed step: decode tokens and prefill chunks of every
+live version, in one pass.
+
+Where it sits: `torch_engine` plans a step (which tokens of which sequences are fed), packs it into
+`StepInputs` and calls `PackedForward.forward`, which writes the new keys/values and routing ids
+into the `SlotCache` and returns the logits of the rows that sample a token.
+
+How several versions share one pass: rows are ordered version by version, so each version owns a
+contiguous row range (`segments`). Only the ops that carry weights are split per segment (embedding,
+norms, projections, router, lm_head); RoPE, attention over the cache and the sampling that follows
+run once over all rows, and the MoE experts of all versions run in one grouped call over the stacked
+expert tensors (ids offset by version index * E). With one live version nothing is split.
+
+Attention: decode rows (one token each) go through one SDPA call laid out by slot — queries are
+scattered to their slot's row and the cache is read as a view `k[:num_slots, :max_len]` (slots are
+packed at the front), with a length mask. Prefill chunks go through a second call (padded to the
+longest chunk when there are several). The math is `dora.models.ops` (RMSNorm, RoPE tables, router,
+experts), so the engine computes the function the trainer's `DecoderLM` computes.
+
+Shape legend: N fed tokens this step, R sampled rows, B decode rows, S slots in the decode view,
+Lk keys, P prefill chunks, C longest chunk, D hidden, H/G query/kv heads, Dh head dim, V vocab,
+E experts, K top-k, Lm MoE layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dora.engines.kv_cache import SlotCache
+from dora.engines.versions import LiveVersions, VersionWeights
+from dora.models import ops
+from dora.models.config import ModelConfig
+
+Segments = list[tuple[int, int, int]]
+"""(version index in LiveVersions, first row, end row): contiguous, ascending, covering all rows."""
+
+
+@dataclass(slots=True)
+class DecodeLayout:
+    rows_B: torch.Tensor
+    """Rows of the packed step that are decode tokens."""
+    slots_B: torch.Tensor
+    num_slots: int
+    """Slots [0, num_slots) form the attention view."""
+    mask_S11Lk: torch.Tensor
+    """bool: key position <= the slot's query position (slots without a decode row see key 0 only)."""
+    identity: bool
+    """Decode rows are rows [0, B) holding slots 0..B-1 in order: no scatter/gather needed."""
+
+
+@dataclass(slots=True)
+class PrefillLayout:
+    rows: slice | torch.Tensor
+    """Rows of the packed step that are prefill tokens (a slice when there is one chunk)."""
+    slots_P: torch.Tensor
+    gather_PC: torch.Tensor | None
+    """Packed-row index of every (chunk, offset), padding points at the chunk's first row; None for
+    a single chunk (no padding)."""
+    scatter_n: torch.Tensor | None
+    """For each prefill row, its index in the flattened [P * C] padded layout."""
+    num_keys: int
+    mask_P1CLk: torch.Tensor | None
+    """bool causal mask with each chunk's offset; None when a single chunk starts at position 0."""
+    single_slot: int
+    """The slot of the chunk when there is exactly one (read as a view), else -1."""
+
+
+@dataclass(slots=True)
+class StepInputs:
+    flat_N: torch.Tensor
+    """slot * max_len + position of every fed token (where its K/V and routing ids are written)."""
+    pos_N: torch.Tensor
+    tokens_N: torch.Tensor
+    segments: Segments
+    vidx_N: torch.Tensor | None
+    """Version index of each row, only when several versions are in the step."""
+    decode: DecodeLayout | None
+    prefill: PrefillLayout | None
+    sample_rows_R: torch.Tensor
+    """Rows whose logits are sampled (a finished prompt's last row repeats once per sample)."""
+    sample_segments: Segments
+
+
+class PackedForward:
+    """The engine's model function over the preallocated cache; holds no weights of its own."""
+
+    def __init__(self, cfg: ModelConfig, cache: SlotCache, dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg = cfg
+        self.cache = cache
+        positions = torch.arange(cache.max_len, device=device)
+        # Indexing a table computed by ops.rope_cos_sin gives bit-identical values to calling it per step.
+        self.cos_MDh, self.sin_MDh = ops.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype, device)
+        self.q_width = cfg.num_attention_heads * cfg.head_dim
+        self.kv_width = cfg.num_key_value_heads * cfg.head_dim
+
+    @torch.inference_mode()
+    def forward(self, live: LiveVersions, step: StepInputs) -> torch.Tensor:
+        """Run every layer over the packed rows -> logits [R, V] (float32) of the sampled rows."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        rows = _Rows(live.weights, step.segments)
+        x_ND = rows.apply(step.tokens_N, lambda w, t: F.embedding(t, w.embed_VD))
+        cos_NDh, sin_NDh = self.cos_MDh[step.pos_N], self.sin_MDh[step.pos_N]
+        routing: list[torch.Tensor] = []
+        for i in range(cfg.num_hidden_layers):
+            h_ND = rows.apply(x_ND, lambda w, x: ops.rms_norm(x, w.layers[i].input_norm_D, eps))
+            x_ND = x_ND + self._attention(i, rows, step, h_ND, cos_NDh, sin_NDh)
+            h_ND = rows.apply(x_ND, lambda w, x: ops.rms_norm(x, w.layers[i].post_norm_D, eps))
+            if cfg.is_moe_layer(i):
+                y_ND, ids_NK = self._moe(i, live, rows, step, h_ND)
+                routing.append(ids_NK)
+            else:
+                y_ND = rows.apply(h_ND, lambda w, x: _dense_mlp(x, w.layers[i]))
+            x_ND = x_ND + y_ND
+        if routing:
+            self.cache.write_routing(step.flat_N, torch.stack(routing, dim=1))
+        h_RD = x_ND.index_select(0, step.sample_rows_R)
+        logits_RV = _Rows(live.weights, step.sample_segments).apply(
+            h_RD, lambda w, x: F.linear(ops.rms_norm(x, w.final_norm_D, eps), w.lm_head_VD))
+        return logits_RV.float()
+
+    # ------------------------------------------------------------------ blocks
+
+    def _attention(self, i: int, rows: _Rows, step: StepInputs, h_ND: torch.Tensor,
+                   cos_NDh: torch.Tensor, sin_NDh: torch.Tensor) -> torch.Tensor:
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        qkv_NX = rows.apply(h_ND, lambda w, x: F.linear(x, w.layers[i].qkv_weight, w.layers[i].qkv_bias))
+        q_NHD = qkv_NX[:, :self.q_width].unflatten(-1, (-1, cfg.head_dim))
+        k_NGD = qkv_NX[:, self.q_width:self.q_width + self.kv_width].unflatten(-1, (-1, cfg.head_dim))
+        v_NGD = qkv_NX[:, self.q_width + self.kv_width:].unflatten(-1, (-1, cfg.head_dim))
+        if cfg.qk_norm:
+            q_NHD = rows.apply(q_NHD, lambda w, x: ops.rms_norm(x, w.layers[i].q_norm_Dh, eps))
+            k_NGD = rows.apply(k_NGD, lambda w, x: ops.rms_norm(x, w.layers[i].k_norm_Dh, eps))
+        q_NHD = ops.apply_rope(q_NHD, cos_NDh, sin_NDh)
+        k_NGD = ops.apply_rope(k_NGD, cos_NDh, sin_NDh)
+        self.cache.write_kv(i, step.flat_N, k_NGD, v_NGD.contiguous())
+
+        num_rows = h_ND.shape[0]
+        dec, pre = step.decode, step.prefill
+        if dec is not None and pre is None and dec.identity and dec.rows_B.shape[0] == num_rows:
+            out_NX = self._decode_attention(i, dec, q_NHD)
+        elif dec is None and pre is not None and isinstance(pre.rows, slice) and pre.rows == slice(0, num_rows):
+            out_NX = self._prefill_attention(i, pre, q_NHD)
+        else:
+            out_NX = q_NHD.new_empty(num_rows, self.q_width)
+            if dec is not None:
+                out_NX.index_copy_(0, dec.rows_B, self._decode_attention(i, dec, q_NHD.index_select(0, dec.rows_B)))
+            if pre is not None:
+                if isinstance(pre.rows, slice):
+                    out_NX[pre.rows] = self._prefill_attention(i, pre, q_NHD[pre.rows])
+                else:
+                    out_NX.index_copy_(0, pre.rows, self._prefill_attention(i, pre, q_NHD.index_select(0, pre.rows)))
+        return rows.apply(out_NX, lambda w, x: F.linear(x, w.layers[i].o_weight, w.layers[i].o_bias))
+
+    def _decode_attention(self, i: int, dec: DecodeLayout, q_BHD: torch.Tensor) -> torch.Tensor:
+        """One query per decode row against its slot's cached keys -> [B, H * Dh]."""
+        cfg = self.cfg
+        G, Dh = cfg.num_key_value_heads, cfg.head_dim
+        S, Lk = dec.num_slots, dec.mask_S11Lk.shape[-1]
+        if dec.identity:
+            q_SHD = q_BHD
+        else:
+            q_SHD = q_BHD.new_zeros(S, cfg.num_attention_heads, Dh)
+            q_SHD.index_copy_(0, dec.slots_B, q_BHD)
+        # GQA without repeating keys: the H / G query heads sharing a kv head act as H / G queries.
+        q_SGhD = q_SHD.view(S, G, -1, Dh)
+        k_SGLD = self.cache.k_LSMGD[i, :S, :Lk].transpose(1, 2)
+        v_SGLD = self.cache.v_LSMGD[i, :S, :Lk].transpose(1, 2)
+        out_SGhD = F.scaled_dot_product_attention(q_SGhD, k_SGLD, v_SGLD, attn_mask=dec.mask_S11Lk)
+        out_SX = out_SGhD.reshape(S, -1)
+        return out_SX if dec.identity else out_SX.index_select(0, dec.slots_B)
+
+    def _prefill_attention(self, i: int, pre: PrefillLayout, q_nHD: torch.Tensor) -> torch.Tensor:
+        """Causal attention of prompt chunks over their slots' cached keys -> [n, H * Dh]."""
+        Lk = pre.num_keys
+        if pre.single_slot >= 0:
+            q_1HCD = q_nHD.transpose(0, 1).unsqueeze(0)
+            k_1GLD = self.cache.k_LSMGD[i, pre.single_slot, :Lk].transpose(0, 1).unsqueeze(0)
+            v_1GLD = self.cache.v_LSMGD[i, pre.single_slot, :Lk].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(q_1HCD, k_1GLD, v_1GLD, attn_mask=pre.mask_P1CLk,
+                                                 is_causal=pre.mask_P1CLk is None, enable_gqa=True)
+            return out[0].transpose(0, 1).reshape(q_nHD.shape[0], -1)
+        assert pre.gather_PC is not None and pre.scatter_n is not None
+        P, C = pre.gather_PC.shape
+        q_PHCD = q_nHD.index_select(0, pre.gather_PC.view(-1)).view(P, C, *q_nHD.shape[1:]).transpose(1, 2)
+        k_PGLD = self.cache.k_LSMGD[i].index_select(0, pre.slots_P)[:, :Lk].transpose(1, 2)
+        v_PGLD = self.cache.v_LSMGD[i].index_select(0, pre.slots_P)[:, :Lk].transpose(1, 2)
+        out_PHCD = F.scaled_dot_product_attention(q_PHCD, k_PGLD, v_PGLD, attn_mask=pre.mask_P1CLk, enable_gqa=True)
+        return out_PHCD.transpose(1, 2).reshape(P * C, -1).index_select(0, pre.scatter_n)
+
+    def _moe(self, i: int, live: LiveVersions, rows: _Rows, step: StepInputs,
+             h_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        router_logits_NE = rows.apply(h_ND, lambda w, x: F.linear(x, w.layers[i].router_ED))
+        weights_NK, ids_NK = ops.route(router_logits_NE, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        # Several versions: version j's experts are rows [j * E, (j + 1) * E) of the stacked tensors.
+        stacked_ids_NK = ids_NK if step.vidx_N is None else ids_NK + (step.vidx_N * cfg.num_experts)[:, None]
+        gate_up, down = live.gate_up_LEFD[i], live.down_LEDI[i]
+        assert gate_up is not None and down is not None
+        return ops.moe_experts(h_ND, stacked_ids_NK, weights_NK, gate_up, down), ids_NK
+
+
+class _Rows:
+    """Applies a weight-carrying op range by range, each row range through its own version."""
+
+    __slots__ = ("weights", "segs")
+
+    def __init__(self, weights: tuple[VersionWeights, ...], segs: Segments) -> None:
+        self.weights = weights
+        self.segs = segs
+
+    def apply(self, x: torch.Tensor, fn: Callable[[VersionWeights, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if len(self.segs) == 1:
+            return fn(self.weights[self.segs[0][0]], x)
+        return torch.cat([fn(self.weights[j], x[a:b]) for j, a, b in self.segs if b > a])
+
+
+def _dense_mlp(x_ND: torch.Tensor, layer) -> torch.Tensor:
+    """SwiGLU with gate and up fused into one matmul (same math as ops.dense_mlp)."""
+    gate_NF, up_NF = F.linear(x_ND, layer.mlp_gate_up_weight).chunk(2, dim=-1)
+    return F.linear(F.silu(gate_NF) * up_NF, layer.mlp_down_weight)

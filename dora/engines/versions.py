@@ -1,0 +1,187 @@
+"""Policy versions held by the torch engine: weight validation, preparation, and the live set.
+
+Where it sits: `TorchEngine.add_version` calls `prepare_version` in the caller's thread (validation,
+device/dtype transfer, fusing q/k/v and dense gate/up into one matmul each), then builds a new
+immutable `LiveVersions` (which also stacks every live version's experts per MoE layer so one
+grouped expert call serves all versions) and publishes it with a single reference swap. The decode
+loop picks up the current `LiveVersions` at the start of each step and uses it for the whole step,
+so a version appears or disappears between steps, never inside one, and never under a sequence
+(the engine refuses to drop a version that still has sequences).
+
+Weights come in the dora model's `state_dict()` naming (see `dora.types.PolicyVersion`).
+
+Shape legend: V vocab, D hidden, H/G query/kv heads, Dh head dim, E experts, I expert width,
+F dense FFN width, Vn live versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from dora.models.config import ModelConfig
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm_D: torch.Tensor
+    qkv_weight: torch.Tensor
+    """[(H + 2G) * Dh, D]: q, k and v projections fused into one matmul."""
+    qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    q_norm_Dh: torch.Tensor | None
+    k_norm_Dh: torch.Tensor | None
+    post_norm_D: torch.Tensor
+    router_ED: torch.Tensor | None
+    """MoE layers: router [E, D]; the experts live stacked across versions in `LiveVersions`."""
+    gate_up_EFD: torch.Tensor | None
+    down_EDI: torch.Tensor | None
+    mlp_gate_up_weight: torch.Tensor | None
+    """Dense layers: [2F, D] gate and up fused."""
+    mlp_down_weight: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class VersionWeights:
+    version: int
+    embed_VD: torch.Tensor
+    final_norm_D: torch.Tensor
+    lm_head_VD: torch.Tensor
+    layers: list[LayerWeights]
+
+
+def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """-> (name -> shape of every weight a version must carry, names that may be present or not)."""
+    D, Dh, H, G = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D),
+                                          "model.norm.weight": (D,), "lm_head.weight": (cfg.vocab_size, D)}
+    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (D,)
+        shapes[p + "post_attention_layernorm.weight"] = (D,)
+        for name, rows in (("q_proj", H * Dh), ("k_proj", G * Dh), ("v_proj", G * Dh)):
+            shapes[p + f"self_attn.{name}.weight"] = (rows, D)
+            if cfg.attention_bias:
+                shapes[p + f"self_attn.{name}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (D, H * Dh)
+        if cfg.attention_out_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (D,)
+        if cfg.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (Dh,)
+            shapes[p + "self_attn.k_norm.weight"] = (Dh,)
+        if cfg.is_moe_layer(i):
+            E, I = cfg.num_experts, cfg.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (E, D)
+            shapes[p + "mlp.experts.gate_up_proj"] = (E, 2 * I, D)
+            shapes[p + "mlp.experts.down_proj"] = (E, D, I)
+        else:
+            F = cfg.intermediate_size
+            shapes[p + "mlp.gate_proj.weight"] = (F, D)
+            shapes[p + "mlp.up_proj.weight"] = (F, D)
+            shapes[p + "mlp.down_proj.weight"] = (D, F)
+    return shapes, optional
+
+
+def validate_weights(cfg: ModelConfig, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming every missing, unexpected or mis-shaped weight."""
+    shapes, optional = expected_shapes(cfg)
+    missing = sorted(set(shapes) - set(weights) - optional)
+    unexpected = sorted(set(weights) - set(shapes))
+    mismatched = [f"{name}: expected {list(shape)}, got {list(weights[name].shape)}"
+                  for name, shape in shapes.items() if name in weights and tuple(weights[name].shape) != shape]
+    not_float = [name for name in shapes if name in weights and not weights[name].is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"missing {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"mismatched shapes {_preview(mismatched)}")
+    if not_float:
+        problems.append(f"non-floating-point {_preview(not_float)}")
+    if problems:
+        raise ValueError(f"weights of version {version} do not match the engine's model: " + "; ".join(problems))
+
+
+def _preview(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''}]"
+
+
+def prepare_version(cfg: ModelConfig, version: int, weights: Mapping[str, torch.Tensor], *,
+                    dtype: torch.dtype, device: torch.device) -> VersionWeights:
+    """Validate, then copy the weights to the engine's device/dtype in the layout its forward uses.
+    Always copies, so the caller may keep training the tensors it passed in."""
+    validate_weights(cfg, version, weights)
+
+    def get(name: str) -> torch.Tensor:
+        return weights[name].detach().to(device=device, dtype=dtype, copy=True)
+
+    def opt(name: str) -> torch.Tensor | None:
+        return get(name) if name in weights else None
+
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        qkv_weight = torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"])
+        qkv_bias = torch.cat([get(a + f"{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
+        moe = cfg.is_moe_layer(i)
+        layers.append(LayerWeights(
+            input_norm_D=get(p + "input_layernorm.weight"),
+            qkv_weight=qkv_weight, qkv_bias=qkv_bias,
+            o_weight=get(a + "o_proj.weight"), o_bias=opt(a + "o_proj.bias"),
+            q_norm_Dh=opt(a + "q_norm.weight"), k_norm_Dh=opt(a + "k_norm.weight"),
+            post_norm_D=get(p + "post_attention_layernorm.weight"),
+            router_ED=get(p + "mlp.gate.weight") if moe else None,
+            gate_up_EFD=get(p + "mlp.experts.gate_up_proj") if moe else None,
+            down_EDI=get(p + "mlp.experts.down_proj") if moe else None,
+            mlp_gate_up_weight=None if moe else torch.cat([get(p + "mlp.gate_proj.weight"),
+                                                           get(p + "mlp.up_proj.weight")]),
+            mlp_down_weight=None if moe else get(p + "mlp.down_proj.weight"),
+        ))
+    embed = get("model.embed_tokens.weight")
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
+    return VersionWeights(version=version, embed_VD=embed, final_norm_D=get("model.norm.weight"),
+                          lm_head_VD=embed if tied else get("lm_head.weight"), layers=layers)
+
+
+@dataclass(slots=True, frozen=True)
+class LiveVersions:
+    """An immutable snapshot of the live versions, in the row order a step uses (ascending)."""
+
+    versions: tuple[int, ...]
+    weights: tuple[VersionWeights, ...]
+    gate_up_LEFD: tuple[torch.Tensor | None, ...]
+    """Per layer: every live version's experts stacked, [Vn * E, 2I, D]; version index j owns rows
+    [j * E, (j + 1) * E). None for dense layers."""
+    down_LEDI: tuple[torch.Tensor | None, ...]
+
+    @staticmethod
+    def build(weights: list[VersionWeights]) -> LiveVersions:
+        """Stack the experts of `weights` (done by add/drop_version, off the decode loop)."""
+        weights = sorted(weights, key=lambda w: w.version)
+        num_layers = len(weights[0].layers) if weights else 0
+        gate_up, down = [], []
+        for i in range(num_layers):
+            if weights[0].layers[i].gate_up_EFD is None:
+                gate_up.append(None)
+                down.append(None)
+            elif len(weights) == 1:
+                gate_up.append(weights[0].layers[i].gate_up_EFD)
+                down.append(weights[0].layers[i].down_EDI)
+            else:
+                gate_up.append(torch.cat([w.layers[i].gate_up_EFD for w in weights]))
+                down.append(torch.cat([w.layers[i].down_EDI for w in weights]))
+        return LiveVersions(versions=tuple(w.version for w in weights), weights=tuple(weights),
+                            gate_up_LEFD=tuple(gate_up), down_LEDI=tuple(down))
+
+    def index(self, version: int) -> int:
+        return self.versions.index(version)
+
+    def __contains__(self, version: int) -> bool:
+        return version in self.versions
