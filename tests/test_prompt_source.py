@@ -82,7 +82,18 @@ def test_requeued_prompt_comes_first_with_a_new_group_id():
         source.requeue(37)
 
 
-def test_heldout_is_fixed_and_disjoint_from_training():
+def test_num_epochs_exhausts_but_still_serves_requeued_prompts():
+    config = DataConfig(train_size=5, eval_size=3, num_epochs=2)
+    source = PromptSource(config, CharTokenizer())
+    groups = list(source)
+    assert len(groups) == 10 and source.exhausted and source.next_group() is None
+    source.requeue(groups[-1].prompt_id)
+    assert not source.exhausted
+    again = source.take(3)
+    assert [g.prompt_id for g in again] == [groups[-1].prompt_id]
+    assert again[0].group_id == groups[-1].group_id + 1
+    assert source.exhausted and source.take(2) == []
+
     source = make_source()
     groups = source.eval_groups(num_samples=2)
     assert len(groups) == 256 and all(g.num_samples == 2 for g in groups)

@@ -18,6 +18,9 @@ class DataConfig:
     import path 'package.module:factory' to a `factory(config) -> DatasetSplits`."""
     n: int = 8
     """Samples per prompt (the GRPO group size)."""
+    num_epochs: int = 0
+    """Passes over the training split before the PromptSource reports exhaustion (next_group() ->
+    None); requeued prompts are still served after that. 0 = cycle forever."""
     seed: int = 0
     """Seeds the synthetic generators, the held-out split of local files and the epoch shuffles."""
     train_size: int = 20_000
@@ -49,7 +52,7 @@ class DataConfig:
         for key in ("n", "train_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_size", "max_prompt_length"):
+        for key in ("eval_size", "max_prompt_length", "num_epochs"):
             if getattr(self, key) < 0:
                 raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if not self.prompt_key:

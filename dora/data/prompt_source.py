@@ -45,10 +45,13 @@ class PromptSource:
 
     # ---- serving ---------------------------------------------------------------------------
 
-    def next_group(self) -> PromptGroup:
-        """The next prompt to admit: a requeued one if any (oldest first), else the cursor's."""
+    def next_group(self) -> PromptGroup | None:
+        """The next prompt to admit: a requeued one if any (oldest first), else the cursor's; None
+        once `data.num_epochs` passes are served and nothing is requeued."""
         if self._requeued:
             prompt_id = self._requeued.popleft()
+        elif self.exhausted:
+            return None
         else:
             prompt_id = int(self._order[self._position])
             self._position += 1
@@ -60,13 +63,22 @@ class PromptSource:
         return self._group(prompt_id, self.config.n)
 
     def take(self, count: int) -> list[PromptGroup]:
+        """Up to `count` groups (fewer only when the source is exhausted)."""
         if count < 0:
             raise ValueError(f"take(count) needs count >= 0, got {count}")
-        return [self.next_group() for _ in range(count)]
+        groups = []
+        while len(groups) < count and (group := self.next_group()) is not None:
+            groups.append(group)
+        return groups
 
     def __iter__(self) -> Iterator[PromptGroup]:
-        while True:
-            yield self.next_group()
+        while (group := self.next_group()) is not None:
+            yield group
+
+    @property
+    def exhausted(self) -> bool:
+        """True when `data.num_epochs` passes are served and no prompt is requeued."""
+        return 0 < self.config.num_epochs <= self._epoch and not self._requeued
 
     def requeue(self, prompt_id: int) -> None:
         """Serve `prompt_id` again, before any new prompt (e.g. its group was aborted to be
