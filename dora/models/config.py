@@ -12,7 +12,8 @@ so a folder saved by dora loads in transformers and vLLM, and theirs load in dor
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, replace
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -179,7 +180,7 @@ class ModelConfig:
         return torch.uint8 if self.num_experts <= 256 else torch.int16
 
     def replace(self, **overrides: Any) -> ModelConfig:
-        return replace(self, **overrides)
+        return dataclasses.replace(self, **overrides)
 
     def with_tokenizer(self, tokenizer: Any) -> ModelConfig:
         """This config with the tokenizer's bos/eos/pad ids (written to config.json, so transformers
@@ -188,7 +189,7 @@ class ModelConfig:
             raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than "
                              f"model.vocab_size ({self.vocab_size})")
         eos = tokenizer.eos_token_id
-        return replace(self, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        return dataclasses.replace(self, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                        eos_token_ids=[] if eos is None else [eos])
 
     # ----------------------------------------------------------------- presets
@@ -325,6 +326,6 @@ class ModelConfig:
         return d
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = dataclasses.asdict(self)
         d["model_type"] = self.model_type.value
         return d

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dora.models.config import DTYPES, ModelConfig
@@ -176,12 +176,15 @@ def load_state_dict(folder: str | os.PathLike, cfg: ModelConfig | None = None,
     found: dict[str, tuple[int, ...]] = {}
     file_of: dict[str, str] = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if name in file_of:
-                    raise ValueError(f"{folder}: weight {name} is stored twice ({file_of[name]} and {path.name})")
-                found[name] = tuple(f.get_slice(name).get_shape())
-                file_of[name] = path.name
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if name in file_of:
+                        raise ValueError(f"{folder}: weight {name} is stored twice ({file_of[name]} and {path.name})")
+                    found[name] = tuple(f.get_slice(name).get_shape())
+                    file_of[name] = path.name
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     check_hf_shapes(found, cfg, source=str(folder), files=file_of)
     hf_sd: dict[str, torch.Tensor] = {}
     for path in files:

@@ -171,6 +171,9 @@ def test_folder_errors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="never loaded"):
         load_state_dict(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_state_dict(tmp_path)
 
 
 def test_saves_the_char_tokenizer_with_its_special_ids(tmp_path):
