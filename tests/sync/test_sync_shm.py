@@ -3,14 +3,13 @@ checksums, and segment cleanup after close, SIGTERM and SIGKILL."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import uuid
 
 import pytest
 import torch
-from sync_workers import filled_weights, shm_writer_publishing, shm_writer_then_sleep
+from sync_workers import filled_weights, mp_context, shm_writer_publishing, shm_writer_then_sleep
 
 import dora.sync.shm as shm
 from dora.sync import ChecksumError, ShmChannel, SyncConfig, SyncTimeout, cleanup_stale
@@ -38,7 +37,7 @@ def test_reader_never_sees_a_half_written_version(read_mode):
     """A writer process publishes versions 1..N (every element == its version) as fast as it can;
     this process reads concurrently and checks each delivered version is uniformly its number."""
     config = _config(read_mode=read_mode)
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()
     done = ctx.Event()
     writer = ctx.Process(target=shm_writer_publishing, args=(config, NUM_VERSIONS, done), daemon=True)
     writer.start()
@@ -139,7 +138,7 @@ def test_segment_of_a_killed_writer_is_removed(sig):
     """SIGTERM: the writer's handler unlinks it. SIGKILL: nothing runs in the writer, so the next
     writer with the same name removes it (its owner pid is dead)."""
     config = _config()
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()
     queue = ctx.Queue()
     proc = ctx.Process(target=shm_writer_then_sleep, args=(config, queue), daemon=True)
     proc.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import torch.multiprocessing as mp
-from sync_workers import torch_dist_worker
+from sync_workers import mp_context, torch_dist_worker
 
 
 def _free_port() -> int:
@@ -15,4 +15,5 @@ def _free_port() -> int:
 
 
 def test_broadcast_delivers_bit_equal_versions_between_two_gloo_processes():
-    mp.spawn(torch_dist_worker, args=(_free_port(),), nprocs=2, join=True)
+    mp_context()  # preload torch in the forkserver
+    mp.start_processes(torch_dist_worker, args=(_free_port(),), nprocs=2, join=True, start_method="forkserver")
