@@ -24,6 +24,12 @@ class ModelType(str, enum.Enum):
     QWEN3 = "qwen3"
     QWEN2 = "qwen2"
     LLAMA = "llama"
+    # OmegaConf converts YAML strings to enums by member *name*; these aliases let a config say
+    # `model_type: qwen3_moe` (Hugging Face's spelling) as well as `QWEN3_MOE`.
+    qwen3_moe = "qwen3_moe"
+    qwen3 = "qwen3"
+    qwen2 = "qwen2"
+    llama = "llama"
 
 
 ARCHITECTURES = {

@@ -66,3 +66,15 @@ def test_from_hf_dict_errors():
         ModelConfig.from_hf_dict({k: v for k, v in base.items() if k != "hidden_size"})
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_hydra_structured_config():
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(ModelConfig)
+    cfg = OmegaConf.to_object(OmegaConf.merge(schema, {"model_type": "llama", "num_experts": 0, "vocab_size": 50}))
+    assert cfg.model_type is ModelType.LLAMA and cfg.qk_norm is False and cfg.vocab_size == 50
+    assert OmegaConf.to_object(OmegaConf.merge(schema, {"model_type": "QWEN3_MOE"})).model_type is ModelType.QWEN3_MOE
+    assert list(ModelType) == [ModelType.QWEN3_MOE, ModelType.QWEN3, ModelType.QWEN2, ModelType.LLAMA]
+    with pytest.raises(ValueError, match="divisible"):
+        OmegaConf.to_object(OmegaConf.merge(schema, {"num_key_value_heads": 3}))
