@@ -319,7 +319,9 @@ class ModelConfig:
         if mt is not ModelType.QWEN2:
             d["attention_bias"] = self.attention_bias
         if mt in (ModelType.QWEN3_MOE, ModelType.QWEN3, ModelType.QWEN2):
-            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+            d.update(use_sliding_window=False, sliding_window=None)
+        if mt in (ModelType.QWEN3, ModelType.QWEN2):
+            d.update(max_window_layers=self.num_hidden_layers)
         if mt is ModelType.LLAMA:
             d.update(mlp_bias=False, pretraining_tp=1)
         if mt is ModelType.QWEN3_MOE:
