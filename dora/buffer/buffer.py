@@ -66,6 +66,12 @@ class TrajectoryBuffer:
             raise ValueError(f"group {group_id} is already known to the buffer")
         self._open[group_id] = OpenGroup(group_id, prompt_id, version, self.group_size)
 
+    def move_to_version(self, group_id: int, version: int) -> None:
+        """A group that has not started was re-admitted on a newer version."""
+        group = self._open[group_id]
+        assert not group.samples, f"group {group_id} already has trajectories"
+        group.version = version
+
     def add(self, traj: Trajectory) -> bool:
         """Store one trajectory; True when its group just became complete."""
         gid = traj.group_id

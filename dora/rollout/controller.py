@@ -105,6 +105,15 @@ class VersionController:
         self._decrement(group.deadline)
         return group
 
+    def move_to_version(self, group_id: int, version: int) -> None:
+        """Re-admit a group that has not started on a newer version. A later deadline never breaks
+        the invariant: it only lowers the counts for deadlines between the two."""
+        group = self.groups[group_id]
+        assert not group.finished and group.version <= version <= self.newest_version
+        self._decrement(group.deadline)
+        group.version, group.deadline = version, version + self.k
+        self._per_deadline[group.deadline] = self._per_deadline.get(group.deadline, 0) + 1
+
     def publish(self, version: int) -> None:
         if version != self.newest_version + 1:
             raise ValueError(f"version {version} published after version {self.newest_version}: versions are"

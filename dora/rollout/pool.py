@@ -175,30 +175,43 @@ class RolloutPool:
             actions.append(LoadVersion(e.engine_id, e.target))
         return actions
 
-    def rebalance(self, newest_demand: int, can_admit: Callable[[int], bool]) -> list[LoadVersion | DropVersion]:
+    def rebalance(self, queued: dict[int, int], can_admit: Callable[[int], bool]) -> list[LoadVersion | DropVersion]:
         """Move single-version engines to the newest version (see the module docstring).
-        `newest_demand`: sequences the invariant would still admit on the newest version."""
+        `queued`: version -> sequences waiting for an engine on it (admitted but not placed, and for
+        the newest version also what the deadline invariant would still admit)."""
         singles = [e for e in self.engines if e.max_versions == 1 and not self.partial]
         if not singles:
             return []
-        demand: dict[int, int] = {}
+        demand = dict(queued)
+        engines_on: dict[int, int] = {}
         for e in singles:
             v = e.current
             if v is not None:
                 demand[v] = demand.get(v, 0) + e.num_running
-        demand[self.newest] = demand.get(self.newest, 0) + newest_demand
+                engines_on[v] = engines_on.get(v, 0) + 1
+        demand.setdefault(self.newest, 0)
         # An engine still loading is left alone: a load cannot be cancelled, and it will be
         # considered again once the version is live.
         movers = [e for e in singles if not e.loading and e.current is not None and e.current != self.newest]
-        total = sum(demand.values())
-        if total == 0:
+        if sum(demand.values()) == 0:
             share_newest = len(singles)
         else:
             share_newest = _largest_remainder(len(singles), demand)[self.newest]
-        on_newest = sum(e.current == self.newest for e in singles)
-        moved = [e for e in movers if e.num_running == 0 and not can_admit(e.current)]  # type: ignore[arg-type]
-        rest = sorted((e for e in movers if all(m is not e for m in moved)), key=lambda e: (e.num_running, e.engine_id))
-        moved += rest[:max(0, share_newest - on_newest - len(moved))]
+        need = share_newest - engines_on.get(self.newest, 0)
+        # Idle on a version nothing can be admitted on any more: useless where it is.
+        moved = [e for e in movers if e.num_running == 0 and not queued.get(e.current, 0)  # type: ignore[arg-type]
+                 and not can_admit(e.current)]  # type: ignore[arg-type]
+        for e in moved:
+            engines_on[e.current] -= 1  # type: ignore[index]
+        for e in sorted(movers, key=lambda e: (e.num_running, e.engine_id)):
+            if len(moved) >= need:
+                break
+            v = e.current
+            # The last engine of a version with queued groups stays: engines never move back.
+            if any(m is e for m in moved) or (queued.get(v, 0) and engines_on[v] == 1):  # type: ignore[index]
+                continue
+            engines_on[v] -= 1  # type: ignore[index]
+            moved.append(e)
         actions: list[LoadVersion | DropVersion] = []
         for e in moved:
             e.target = self.newest

@@ -182,15 +182,16 @@ class Scheduler:
     # ---- decisions ---------------------------------------------------------------------------
 
     def _progress(self, time: float, actions: list[Action]) -> None:
-        self._try_step(time, actions)
         self._admit(time, actions)
+        if self._try_step(time, actions):
+            self._admit(time, actions)  # the step freed deadline room
         c = self.controller
-        if self.config.waves:
-            demand = sum(self._records[g].group.num_samples for g in self._unplaced)
-        else:
-            demand = c.slack(c.newest_version) * self.n if (self._requeued or not self._exhausted) else 0
+        # Groups waiting for an engine can always run on the newest version (see _place_unplaced).
+        queued = {c.newest_version: len(self._unplaced) * self.n}
+        if not self.config.waves and (self._requeued or not self._exhausted):
+            queued[c.newest_version] = queued.get(c.newest_version, 0) + c.slack(c.newest_version) * self.n
         fill_older = self.config.fill_older_versions
-        actions += self.pool.rebalance(demand, lambda v: fill_older and c.can_admit(v))
+        actions += self.pool.rebalance(queued, lambda v: fill_older and c.can_admit(v))
         self.metrics.note_live(time, self.pool.live_versions())
 
     def _admit(self, time: float, actions: list[Action]) -> None:
@@ -262,10 +263,20 @@ class Scheduler:
         rec.submitted_at = time
 
     def _place_unplaced(self, time: float, actions: list[Action]) -> None:
+        """Place admitted groups waiting for an engine (admission waves). A waiting group whose
+        version has no free engine moves to the newest version: it has not started, and a later
+        deadline never breaks the invariant -- while engines holding one version never move back."""
+        newest = self.controller.newest_version
         for _ in range(len(self._unplaced)):
             gid = self._unplaced.popleft()
             rec = self._records[gid]
             placement = self.pool.place(rec.version, self.n)
+            if placement is None and rec.version < newest:
+                placement = self.pool.place(newest, self.n)
+                if placement is not None:
+                    self.controller.move_to_version(gid, newest)
+                    self.buffer.move_to_version(gid, newest)
+                    rec.version = newest
             if placement is None:
                 self._unplaced.append(gid)
             else:
@@ -300,9 +311,10 @@ class Scheduler:
             return min(self.config.batch_groups, self.controller.num_unconsumed)
         return self.config.batch_groups
 
-    def _try_step(self, time: float, actions: list[Action]) -> None:
+    def _try_step(self, time: float, actions: list[Action]) -> bool:
+        """Start the waiting step if its batch is ready (True if it started)."""
         if self._waiting is None:
-            return
+            return False
         step, since = self._waiting
         c = self.controller
         while True:
@@ -312,7 +324,7 @@ class Scheduler:
                 break
             blocker = c.blocker()
             if blocker is None:
-                return
+                return False
             self._blocker, self._blocker_version = blocker.group_id, blocker.version
             rec = self._records[blocker.group_id]
             if (self.config.on_stale is OnStale.REGENERATE and c.num_finished >= size
@@ -321,7 +333,7 @@ class Scheduler:
                 self._withdraw(blocker.group_id, time, actions, regenerate=True)
                 self._admit(time, actions)
                 continue
-            return
+            return False
         groups = self.buffer.pop(plan)
         c.consume(plan)
         for gid in plan:
@@ -337,6 +349,7 @@ class Scheduler:
         self._waiting = None
         self._blocker = self._blocker_version = None
         actions.append(StartStep(Batch(step, groups)))
+        return True
 
     # ---- save / restore ----------------------------------------------------------------------
 

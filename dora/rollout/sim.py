@@ -150,8 +150,8 @@ class SimEngine:
 @dataclass(slots=True)
 class SimResult:
     steps: list[SimStep]
-    submits: list[tuple[float, int, int, int]]
-    """(time, group_id, version, engine_id) of every submission."""
+    submits: list[tuple[float, int, int, int, int]]
+    """(time, group_id, prompt_id, version, engine_id) of every submission."""
     end_time: float
     engine_idle_s: list[float]
     engine_seq_s: list[float]
@@ -193,7 +193,7 @@ def simulate(config: RolloutConfig, workload: SimWorkload, *, crash_at_step: int
     heap: list[tuple[float, int, str, tuple]] = []
     order = 0
     steps: list[SimStep] = []
-    submits: list[tuple[float, int, int, int]] = []
+    submits: list[tuple[float, int, int, int, int]] = []
     max_in_flight = 0
 
     def push(t: float, kind: str, payload: tuple) -> None:
@@ -216,12 +216,14 @@ def simulate(config: RolloutConfig, workload: SimWorkload, *, crash_at_step: int
                     eng.running[(a.group.group_id, idx)] = _Seq(a.group, idx, a.version, a.version, length, t)
                     push(t + length / eng.speed, "sample", (a.engine_id, a.group.group_id, idx, eng.epoch))
                 assert len(eng.running) <= eng.max_seqs, f"engine {a.engine_id} over capacity"
-                submits.append((t, a.group.group_id, a.version, a.engine_id))
+                submits.append((t, a.group.group_id, a.group.prompt_id, a.version, a.engine_id))
             elif isinstance(a, Abort):
                 for e in a.engine_ids:
                     eng = engines[e]
+                    eng.account(t)
                     for key in [key for key in eng.running if key[0] == a.group_id]:
-                        push(t, "sample", (e, key[0], key[1], eng.epoch, "abort"))
+                        # Aborting is immediate (the slot is free at once); the ABORT record streams back.
+                        push(t, "aborted", (e, eng.running.pop(key), t))
             elif isinstance(a, LoadVersion):
                 push(t + w.load_s, "loaded", (a.engine_id, a.version, engines[a.engine_id].epoch))
             elif isinstance(a, DropVersion):
@@ -254,20 +256,18 @@ def simulate(config: RolloutConfig, workload: SimWorkload, *, crash_at_step: int
             raise SimDeadlock(f"more than {max_events} events")
         t, _, kind, payload = heapq.heappop(heap)
         if kind == "sample":
-            e, gid, idx, epoch = payload[:4]
+            e, gid, idx, epoch = payload
             eng = engines[e]
             seq = eng.running.get((gid, idx))
             if epoch != eng.epoch or seq is None:
                 continue  # aborted or lost with a reset
             eng.account(t)
             del eng.running[(gid, idx)]
-            aborted = len(payload) > 4
-            length = max(1, int((t - seq.started) * eng.speed)) if aborted else seq.length
-            traj = Trajectory(gid, idx, seq.group.prompt_id, seq.group.prompt_ids, [0] * length,
-                              torch.zeros(length), seq.version, seq.version, seq.max_version,
-                              FinishReason.ABORT if aborted else FinishReason.STOP, engine_id=e,
-                              queued_at=seq.started, finished_at=t)
-            apply(sched.handle(SampleFinished(t, e, traj)), t)
+            apply(sched.handle(SampleFinished(t, e, _trajectory(seq, seq.length, FinishReason.STOP, e, t))), t)
+        elif kind == "aborted":
+            e, seq, aborted_at = payload
+            length = max(1, int((aborted_at - seq.started) * engines[e].speed))
+            apply(sched.handle(SampleFinished(t, e, _trajectory(seq, length, FinishReason.ABORT, e, t))), t)
         elif kind == "loaded":
             e, version, epoch = payload
             eng = engines[e]
@@ -297,6 +297,12 @@ def simulate(config: RolloutConfig, workload: SimWorkload, *, crash_at_step: int
         eng.account(t)
     return SimResult(steps, submits, t, [e.idle_s for e in engines], [e.seq_s for e in engines],
                      config.max_seqs_per_engine, sched.metrics, max_in_flight, num_events)
+
+
+def _trajectory(seq: _Seq, length: int, reason: FinishReason, engine_id: int, t: float) -> Trajectory:
+    return Trajectory(seq.group.group_id, seq.sample_idx, seq.group.prompt_id, seq.group.prompt_ids, [0] * length,
+                      torch.zeros(length), seq.version, seq.version, seq.max_version, reason, engine_id=engine_id,
+                      queued_at=seq.started, finished_at=t)
 
 
 def _round_trip(sched: Scheduler, config: RolloutConfig, w: SimWorkload, t: float) -> Scheduler:
