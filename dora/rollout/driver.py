@@ -1,0 +1,192 @@
+"""`RolloutDriver`: the thin asyncio adapter that runs the scheduler core against real engines.
+
+Where it sits: between the trainer loop (which calls `next_batch` and `publish`) and the `Engine`
+objects (dora/engines/base.py). All decisions are the `Scheduler`'s; this module only turns its
+actions into engine calls and engine output into events, stamped with `time.monotonic()`:
+
+- `Submit` -> `engine.submit`; `Abort` -> `engine.abort`; `DropVersion` -> `engine.drop_version`;
+- `LoadVersion` -> `engine.add_version` in a worker thread (it copies tensors; torch work never
+  runs on the event loop thread), then an `EngineLoaded` event;
+- each engine's `finished()` stream -> (optional async reward hook) -> `SampleFinished`;
+- `StartStep` resolves the trainer's pending `next_batch`.
+
+Everything runs on one event loop, so the synchronous core needs no locks. Every wait has a timeout
+whose error names what it waited for (the core's `WaitStatus.describe()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import torch
+
+from dora.engines.base import Engine
+from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, Event, LoadVersion, SampleFinished, StartStep,
+                                 StepRequested, Submit, Tick, VersionPublished)
+from dora.rollout.scheduler import Scheduler
+from dora.types import Batch, FinishReason, SamplingParams, Trajectory
+
+RewardHook = Callable[[Trajectory], Awaitable[None]]
+"""Fills `trajectory.reward` (and `reward_info`) in place; runs before the buffer sees it."""
+
+
+class RolloutDriver:
+    def __init__(self, scheduler: Scheduler, engines: Sequence[Engine], sampling: SamplingParams, *,
+                 reward: RewardHook | None = None, tick_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if len(engines) != len(scheduler.pool.engines):
+            raise ValueError(f"the scheduler was built for {len(scheduler.pool.engines)} engines, got {len(engines)}")
+        for i, engine in enumerate(engines):
+            if engine.engine_id != i:
+                raise ValueError(f"engines[{i}].engine_id is {engine.engine_id}: engine ids must be 0..N-1 in order")
+            if engine.max_live_versions < (scheduler.config.max_live_versions or 1):
+                raise ValueError(f"rollout.max_live_versions={scheduler.config.max_live_versions} but engine {i} holds at"
+                                 f" most {engine.max_live_versions}")
+        if scheduler.config.partial:
+            raise ValueError("rollout.mode=partial_rollout swaps weights under running sequences, which the Engine"
+                             " protocol forbids (drop_version refuses running sequences): it runs in the simulator only")
+        self.scheduler = scheduler
+        self.engines = list(engines)
+        self.sampling = sampling
+        self.reward = reward
+        self.tick_s = tick_s
+        self.clock = clock
+        self.timeout_s = scheduler.config.wait_timeout_s
+        self._weights: dict[int, Mapping[str, torch.Tensor]] = {}
+        self._offsets: dict[tuple[int, int], int] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._batch: asyncio.Future[Batch] | None = None
+        self._error: BaseException | None = None
+
+    # ---- trainer-facing API ------------------------------------------------------------------
+
+    async def start(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Serve `weights` as the newest version (0, or the restored one) and start streaming."""
+        self._weights[self.scheduler.controller.newest_version] = weights
+        for engine in self.engines:
+            self._spawn(self._read(engine))
+        self._spawn(self._tick())
+        self._apply(self.scheduler.start(self.clock()))
+
+    async def next_batch(self, step: int, timeout: float | None = None) -> Batch:
+        """The batch of train step `step` (waits while the core says so)."""
+        self._raise_if_failed()
+        loop = asyncio.get_running_loop()
+        self._batch = loop.create_future()
+        self._feed(StepRequested(self.clock(), step))
+        timeout = self.timeout_s if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._batch), timeout)
+        except asyncio.TimeoutError:
+            status = self.scheduler.wait_status(self.clock())
+            what = status.describe() if status else f"step {step}"
+            raise TimeoutError(f"rollout: {what} (timeout {timeout:.0f} s, rollout.wait_timeout_s)") from None
+
+    def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+        """Train step `version - 1` is done: engines start loading `version` as the core decides."""
+        self._raise_if_failed()
+        self._weights[version] = weights
+        self._feed(VersionPublished(self.clock(), version))
+
+    @property
+    def done(self) -> bool:
+        return self.scheduler.done
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # ---- events in, actions out --------------------------------------------------------------
+
+    def _feed(self, event: Event) -> None:
+        try:
+            self._apply(self.scheduler.handle(event))
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Submit):
+                group, offset = action.group, action.sample_offset
+                sampling = self.sampling
+                if offset and sampling.seed is not None:
+                    sampling = dataclasses.replace(sampling, seed=sampling.seed + offset)
+                if offset:
+                    self._offsets[(group.group_id, action.engine_id)] = offset
+                self.engines[action.engine_id].submit(group, action.version, sampling)
+            elif isinstance(action, Abort):
+                for engine_id in action.engine_ids:
+                    self.engines[engine_id].abort(action.group_id)
+            elif isinstance(action, LoadVersion):
+                self._spawn(self._load(action.engine_id, action.version))
+            elif isinstance(action, DropVersion):
+                self.engines[action.engine_id].drop_version(action.version)
+                self._forget_unused_weights()
+            elif isinstance(action, StartStep):
+                assert self._batch is not None and not self._batch.done(), "a batch nobody asked for"
+                self._batch.set_result(action.batch)
+
+    async def _load(self, engine_id: int, version: int) -> None:
+        engine = self.engines[engine_id]
+        started = self.clock()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(engine.add_version, version, self._weights[version]),
+                                   self.timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"rollout: engine {engine_id} loading version {version} for"
+                               f" {self.clock() - started:.0f} s (rollout.wait_timeout_s)") from None
+        self._feed(EngineLoaded(self.clock(), engine_id, version))
+
+    async def _read(self, engine: Engine) -> None:
+        async for traj in engine.finished():
+            offset = self._offsets.get((traj.group_id, engine.engine_id))
+            if offset:
+                traj.sample_idx += offset
+            if self.reward is not None and traj.finish_reason is not FinishReason.ABORT:
+                self._spawn(self._score_then_feed(engine.engine_id, traj))
+            else:
+                self._feed(SampleFinished(self.clock(), engine.engine_id, traj))
+
+    async def _score_then_feed(self, engine_id: int, traj: Trajectory) -> None:
+        assert self.reward is not None
+        await self.reward(traj)
+        self._feed(SampleFinished(self.clock(), engine_id, traj))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self._feed(Tick(self.clock()))
+
+    def _forget_unused_weights(self) -> None:
+        needed = {v for slot in self.scheduler.pool.engines for v in (*slot.live, *slot.loading)}
+        needed.add(self.scheduler.controller.newest_version)
+        for version in [v for v in self._weights if v not in needed]:
+            del self._weights[version]
+
+    # ---- task and error plumbing -------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if self._batch is not None and not self._batch.done():
+            self._batch.set_exception(error)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the rollout driver failed earlier: {self._error!r}") from self._error
