@@ -27,6 +27,7 @@ import math
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,11 +92,15 @@ class TrainMetrics:
         return {**out, **{k: v for k, v in extra.items() if k not in out}}
 
 
-def _merge(dst: MetricBag, src: MetricBag) -> None:
+def _merge(dst: MetricBag, src: MetricBag, *, sums_to_means: bool = False) -> None:
+    """Fold `src` into `dst` keeping each metric's reduction. Micro-batches of one update add up
+    (a loss share is a SUM); across updates, `sums_to_means` averages those per-update totals."""
     for key, metric in src.metrics.items():
         if metric.reduce is Reduce.MEAN:
             if metric.weight:
                 dst.add(key, metric.total / metric.weight, Reduce.MEAN, weight=metric.weight)
+        elif metric.reduce is Reduce.SUM and sums_to_means:
+            dst.add(key, metric.value(), Reduce.MEAN)
         else:
             dst.add(key, metric.value(), metric.reduce)
 
@@ -170,6 +175,23 @@ class Trainer:
     def publish_weights(self) -> dict[str, torch.Tensor]:
         """The policy's weights in the model's state_dict naming (detached, contiguous, CPU)."""
         return self.backend.publish_state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed trainer needs: backend state, counters and the frozen reference model
+        (the weights it was started from, which a resumed run must not replace by its own)."""
+        return {"backend": self.backend.state_dict(), "step_count": self.step_count,
+                "total_skipped": self.total_skipped,
+                "ref_model": None if self.ref_model is None else self.ref_model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state.get("ref_model") is None) != (self.ref_model is None):
+            raise ValueError("trainer state and this trainer disagree on keeping a reference model "
+                             "(algorithm.kl_coef changed between save and resume?)")
+        self.backend.load_state_dict(state["backend"])
+        self.step_count = int(state["step_count"])
+        self.total_skipped = int(state["total_skipped"])
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(state["ref_model"])
 
     # ------------------------------------------------------------------ steps of train_step
 
@@ -292,7 +314,7 @@ class Trainer:
             log.warning("train step %d: non-finite gradient norm (%s); update skipped", self.step_count,
                         result.grad_norm)
             return 1
-        _merge(bag, update_bag)
+        _merge(bag, update_bag, sums_to_means=True)
         bag.add("loss", loss_total)
         bag.add("grad_norm", result.grad_norm)
         return 0

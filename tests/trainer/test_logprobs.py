@@ -71,3 +71,23 @@ def test_bad_shapes_raise():
         chunked_logprobs(hidden, weight[:, :-1], targets)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_logprobs(hidden, weight, targets, chunk_size=0)
+
+
+def test_no_tokens_by_vocab_tensor_is_kept_for_backward():
+    # The point of chunking: autograd keeps O(N * D + N) for the backward, never an [N, V] tensor.
+    n, v, d = 64, 500, 16
+    hidden, weight, _, targets = _tensors(dtype=torch.float32, n=n, d=d, v=v, bias=False)
+    saved_sizes = []
+
+    def pack(t):
+        saved_sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, ent = chunked_logprobs(hidden, weight, targets, chunk_size=8, with_entropy=True)
+    assert saved_sizes and max(saved_sizes) <= max(n, v) * d < n * v  # hidden states or the head weight
+    (lp.sum() + ent.sum()).backward()
+    saved_sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        naive_logprobs(hidden, weight, targets)
+    assert max(saved_sizes) >= n * v  # the naive path does keep the full logits

@@ -218,3 +218,29 @@ def test_trainer_learns_to_emit_the_rewarded_token(algo):
                 errors_now.append(((values - t.reward) ** 2).mean().item())
                 errors_zero.append(t.reward ** 2)
         assert sum(errors_now) < 0.5 * sum(errors_zero)
+
+
+def test_resumed_trainer_takes_the_same_next_step():
+    algo = AlgorithmConfig(kl_coef=0.1, num_minibatches=2, ppo_epochs=2)
+    cfg = TrainerConfig(lr=1e-2, lr_schedule="cosine", total_steps=20)
+    a = Trainer(tiny_model(seed=14), algo, cfg)
+    a.train_step(random_batch(a.backend.policy, seed=15))
+    b = Trainer(tiny_model(seed=99), algo, cfg)  # other weights: everything must come from the state
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    batch = random_batch(a.backend.policy, seed=16)
+    ma, mb = a.train_step(copy.deepcopy(batch)), b.train_step(copy.deepcopy(batch))
+    assert ma.loss == mb.loss and ma.kl == mb.kl and ma.lr == mb.lr
+    wa, wb = a.publish_weights(), b.publish_weights()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_loss_shares_average_over_updates():
+    model = tiny_model(seed=17)
+    algo = AlgorithmConfig(loss="ppo", advantage="gae", ppo_epochs=3)
+    metrics = Trainer(model, algo, TrainerConfig(lr=0.0)).train_step(random_batch(model, seed=18))
+    # lr 0: three identical updates; per-update totals must average, not add up
+    assert metrics.num_updates == 3
+    one = Trainer(tiny_model(seed=17), AlgorithmConfig(loss="ppo", advantage="gae"), TrainerConfig(lr=0.0)).train_step(
+        random_batch(model, seed=18))
+    assert metrics.extra["value_loss"] == pytest.approx(one.extra["value_loss"], rel=1e-5)
+    assert metrics.loss == pytest.approx(one.loss, rel=1e-5)

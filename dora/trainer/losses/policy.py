@@ -64,32 +64,40 @@ def policy_token_losses(inp: LossInputs, cfg: AlgorithmConfig) -> tuple[torch.Te
 
     with torch.no_grad():
         clipped_N = surr_clipped_N < surr_N
-        metrics.add("clip_frac", clipped_N.float().mean().item(), weight=num_tokens)
-        metrics.add("clip_frac_low", (clipped_N & (adv_N < 0)).float().mean().item(), weight=num_tokens)
-        metrics.add("clip_frac_high", (clipped_N & (adv_N > 0)).float().mean().item(), weight=num_tokens)
-        # k3 estimate of KL(old || current) from the tokens: how far the update has moved the policy.
-        metrics.add("approx_kl", (ratio_N - 1 - log_ratio_N).mean().item(), weight=num_tokens)
-        metrics.add("ratio_mean", ratio_N.mean().item(), weight=num_tokens)
-        metrics.add("ratio_max", ratio_N.max().item(), Reduce.MAX)
-        metrics.add("ratio_min", ratio_N.min().item(), Reduce.MIN)
-        # How far the engine's distribution is from the trainer's at the start of the update.
-        behavior_log_ratio_N = inp.behavior_logprobs_N - old_logprobs_N.detach()
-        if cfg.off_policy is not OffPolicy.BEHAVIOR:
-            metrics.add("behavior_kl", (torch.exp(behavior_log_ratio_N) - 1 - behavior_log_ratio_N).mean().item(),
-                        weight=num_tokens)
-            metrics.add("is_weight_mean", is_weight_N.mean().item(), weight=num_tokens)
-            metrics.add("is_weight_max", is_weight_N.max().item(), Reduce.MAX)
-            metrics.add("is_weight_min", is_weight_N.min().item(), Reduce.MIN)
-            metrics.add("is_masked_frac", (~kept_N).float().mean().item(), weight=num_tokens)
+        # Token means here, extremes below; gathered as tensors and read back in one transfer.
+        means = {
+            "clip_frac": clipped_N.float().mean(),
+            "clip_frac_low": (clipped_N & (adv_N < 0)).float().mean(),
+            "clip_frac_high": (clipped_N & (adv_N > 0)).float().mean(),
+            # k3 estimate of KL(old || current) from the tokens: how far the update has moved the policy.
+            "approx_kl": (ratio_N - 1 - log_ratio_N).mean(),
+            "ratio_mean": ratio_N.mean(),
+        }
+        extremes = {"ratio_max": (ratio_N.max(), Reduce.MAX), "ratio_min": (ratio_N.min(), Reduce.MIN)}
+        if is_weight_N is not None:
+            # How far the engine's distribution is from the trainer's at the start of the update.
+            behavior_log_ratio_N = inp.behavior_logprobs_N - old_logprobs_N.detach()
+            means["behavior_kl"] = (torch.exp(behavior_log_ratio_N) - 1 - behavior_log_ratio_N).mean()
+            means["is_weight_mean"] = is_weight_N.mean()
+            means["is_masked_frac"] = (~kept_N).float().mean()
+            extremes["is_weight_max"] = (is_weight_N.max(), Reduce.MAX)
+            extremes["is_weight_min"] = (is_weight_N.min(), Reduce.MIN)
 
+    terms: dict[str, torch.Tensor] = {}
     if cfg.kl_coef > 0:
         if inp.ref_logprobs_N is None:
             raise ValueError("algorithm.kl_coef > 0 needs reference log-probs")
         kl_N = kl_penalty(inp.logprobs_N, inp.ref_logprobs_N, cfg.kl_estimator)
         loss_N = loss_N + cfg.kl_coef * kl_N
-        metrics.add("kl", kl_N.detach().mean().item(), weight=num_tokens)
+        terms["kl"] = kl_N.detach().mean()
     if inp.entropy_N is not None:
         if cfg.entropy_coef > 0:
             loss_N = loss_N - cfg.entropy_coef * inp.entropy_N
-        metrics.add("entropy", inp.entropy_N.detach().mean().item(), weight=num_tokens)
+        terms["entropy"] = inp.entropy_N.detach().mean()
+    means.update(terms)
+    values = torch.stack([v.double() for v in [*means.values(), *(t for t, _ in extremes.values())]]).tolist()
+    for key, value in zip(means, values):
+        metrics.add(key, value, weight=num_tokens)
+    for (key, (_, reduce)), value in zip(extremes.items(), values[len(means):]):
+        metrics.add(key, value, reduce)
     return loss_N, metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dora.telemetry.metrics import Reduce
 from dora.trainer.config import AlgorithmConfig
 from dora.trainer.losses.base import LOSSES, LossInputs, LossOutput
 from dora.trainer.losses.policy import policy_token_losses
@@ -43,8 +44,12 @@ class PPOLoss:
         policy_loss = (policy_N * inputs.weights_N).sum()
         value_loss = (value_N * inputs.weights_N).sum()
         num_tokens = inputs.values_N.numel()
-        metrics.add("policy_loss", policy_loss.item(), weight=1.0)
-        metrics.add("value_loss", value_loss.item(), weight=1.0)
-        metrics.add("value_clip_frac", value_clipped_N.float().mean().item(), weight=num_tokens)
-        metrics.add("value_mean", inputs.values_N.detach().mean().item(), weight=num_tokens)
+        # policy/value loss: this micro-batch's share of the step loss, so they add up (SUM).
+        policy_share, value_share, clip_frac, value_mean = torch.stack([
+            policy_loss.detach(), value_loss.detach(), value_clipped_N.float().mean(),
+            inputs.values_N.detach().float().mean()]).tolist()
+        metrics.add("policy_loss", policy_share, Reduce.SUM)
+        metrics.add("value_loss", value_share, Reduce.SUM)
+        metrics.add("value_clip_frac", clip_frac, weight=num_tokens)
+        metrics.add("value_mean", value_mean, weight=num_tokens)
         return LossOutput(policy_loss + self.cfg.value_coef * value_loss, metrics)
