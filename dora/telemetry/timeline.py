@@ -30,6 +30,10 @@ class Timeline:
     def now(self) -> float:
         return self._clock() - self._t0
 
+    def since(self, clock_time: float) -> float:
+        """A reading of the timeline's clock (e.g. a trajectory's `finished_at`) in timeline seconds."""
+        return clock_time - self._t0
+
     def _lane(self, lane: str) -> int:
         tid = self._lanes.get(lane)
         if tid is None:

@@ -1,0 +1,85 @@
+"""Build the stages of a run from a `RunConfig`: tokenizer, model, prompt source, rewards, engines,
+scheduler, trainer. Both runtimes (inline, Ray) start from these builders, so a stage is configured
+the same way wherever it lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from dora.config import RunConfig
+from dora.data.prompt_source import PromptSource
+from dora.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
+from dora.engines.torch_engine import TorchEngine
+from dora.models.config import ModelConfig
+from dora.models.io import load_model
+from dora.models.model import DecoderLM
+from dora.rewards.pool import RewardPool
+from dora.rollout.scheduler import Scheduler
+from dora.types import PromptGroup, SamplingParams, Trajectory
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given if it exists (absolute or relative to the working directory), else relative
+    to the repository root (so recipes work from any directory)."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def build_tokenizer(cfg: RunConfig) -> Tokenizer:
+    if cfg.model.path:
+        folder = resolve_path(cfg.model.path)
+        if any((folder / name).exists() for name in _TOKENIZER_FILES):
+            return load_tokenizer(folder)
+        raise ValueError(f"model.path {folder} has no tokenizer ({' or '.join(_TOKENIZER_FILES)})")
+    return CharTokenizer()
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> DecoderLM:
+    if cfg.model.path:
+        folder = resolve_path(cfg.model.path)
+        if not (folder / "config.json").exists():
+            raise ValueError(f"model.path {folder} is not a model folder (no config.json)")
+        model = load_model(folder, device=cfg.trainer.device)
+    else:
+        preset = getattr(ModelConfig, cfg.model.preset)()
+        model = DecoderLM.from_config(preset.with_tokenizer(tokenizer), seed=cfg.model.seed, device=cfg.trainer.device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}")
+    model.activation_checkpointing = cfg.model.activation_checkpointing
+    return model
+
+
+def sampling_params(cfg: RunConfig, tokenizer: Tokenizer) -> SamplingParams:
+    s = cfg.sampling
+    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          stop_token_ids=(tokenizer.eos_token_id,), seed=None)
+
+
+def build_engines(cfg: RunConfig, model_config: ModelConfig) -> list[TorchEngine]:
+    return [TorchEngine(model_config, dataclasses.replace(cfg.engine, engine_id=i, seed=cfg.seed * 1000 + i,
+                                                          num_threads=None))
+            for i in range(cfg.runtime.num_engines)]
+
+
+def build_scheduler(cfg: RunConfig, source: PromptSource) -> Scheduler:
+    return Scheduler(cfg.rollout, source, cfg.runtime.num_engines)
+
+
+def group_for_reward(source: PromptSource, traj: Trajectory) -> PromptGroup:
+    """The answer and metadata a reward needs for `traj`, from the dataset row (stable prompt_id)."""
+    row = source.row(traj.prompt_id)
+    return PromptGroup(group_id=traj.group_id, prompt_id=traj.prompt_id, prompt_ids=traj.prompt_ids,
+                       answer=row.answer, meta=dict(row.meta), prompt_text=row.prompt)
+
+
+def build_rewards(cfg: RunConfig, tokenizer: Tokenizer) -> RewardPool:
+    return RewardPool(cfg.reward, tokenizer)
