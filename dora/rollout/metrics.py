@@ -70,6 +70,17 @@ class RolloutMetrics:
     def trainer_wait_s(self) -> float:
         return sum(w.wait_s for w in self.waits)
 
+    def state_dict(self) -> dict[str, object]:
+        """The run-long counters (a resumed run keeps counting; timelines restart with it)."""
+        return {"staleness": {str(k): v for k, v in self.staleness.items()}, "num_admitted": self.num_admitted,
+                "num_regenerations": self.num_regenerations, "num_restarts": self.num_restarts,
+                "num_steps": self.num_steps, "max_in_flight": self.max_in_flight}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.staleness = Counter({int(k): int(v) for k, v in state["staleness"].items()})  # type: ignore[attr-defined]
+        for key in ("num_admitted", "num_regenerations", "num_restarts", "num_steps", "max_in_flight"):
+            setattr(self, key, int(state[key]))  # type: ignore[arg-type]
+
     def summary(self) -> dict[str, float]:
         samples = sum(self.staleness.values())
         return {

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from dora.buffer.buffer import TrajectoryBuffer
-from dora.rollout.config import OnStale, RolloutConfig
+from dora.rollout.config import GroupPlacement, OnStale, RolloutConfig
 from dora.rollout.controller import VersionController
 from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, EnginesReset, Event, LoadVersion,
                                  SampleFinished, StartStep, StepRequested, Submit, Tick, VersionPublished)
@@ -327,7 +327,7 @@ class Scheduler:
                 return False
             self._blocker, self._blocker_version = blocker.group_id, blocker.version
             rec = self._records[blocker.group_id]
-            if (self.config.on_stale is OnStale.REGENERATE and c.num_finished >= size
+            if (self.config.on_stale is OnStale.regenerate and c.num_finished >= size
                     and blocker.version < c.newest_version and rec.placement
                     and rec.regenerations < self.config.max_regenerations):
                 self._withdraw(blocker.group_id, time, actions, regenerate=True)
@@ -377,6 +377,7 @@ class Scheduler:
             "exhausted": self._exhausted,
             "wave_budget": self._wave_budget,
             "buffer": buffer_state,
+            "metrics": self.metrics.state_dict(),
         }
         return state, tensors
 
@@ -394,6 +395,7 @@ class Scheduler:
         self.controller.load_state_dict(state["controller"])
         self.source.load_state_dict(state["source"])
         self.buffer.load_state_dict(state["buffer"], tensors)
+        self.metrics.load_state_dict(state["metrics"])
         self._requeued = deque((int(p), int(r)) for p, r in state["requeued"])
         self._exhausted = bool(state["exhausted"])
         self._wave_budget = int(state["wave_budget"])

@@ -151,3 +151,16 @@ def test_mode_defaults():
     assert RolloutConfig(mode="one_step_off").k == 1 and RolloutConfig(mode="one_step_off").waves
     assert RolloutConfig().max_live_versions == 2
     assert RolloutConfig(mode="partial_rollout").partial
+
+
+@pytest.mark.parametrize("mode", ["multi_version", "synchronous", "one_step_off", "partial_rollout"])
+def test_config_composes_through_omegaconf(mode):
+    """As Hydra builds it: YAML text merged into the structured schema, then converted to the object
+    (enum nodes resolve by name, __post_init__ validates)."""
+    from omegaconf import OmegaConf
+
+    yaml = f"mode: {mode}\nbatch_groups: 16\ngroup_size: 8\non_stale: regenerate\ngroup_placement: split\n"
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RolloutConfig), OmegaConf.create(yaml)))
+    assert isinstance(config, RolloutConfig) and config.mode.value == mode and config.on_stale.value == "regenerate"
+    with pytest.raises(ValueError, match="rollout.batch_groups"):
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RolloutConfig), {"batch_groups": 0}))

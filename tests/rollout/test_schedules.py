@@ -8,7 +8,7 @@ deadlock, and k = 0 reproducing the synchronous schedule exactly.
 
 from collections import Counter
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dora.rollout.config import RolloutConfig
@@ -94,7 +94,6 @@ def test_k0_is_exactly_synchronous(case):
     assert result.metrics.num_regenerations == 0
 
 
-@settings(max_examples=60)
 @given(schedules(), st.integers(1, 8))
 def test_save_restore_mid_run(case, at):
     """Restoring from a checkpoint taken after version `at` is published consumes exactly what the
