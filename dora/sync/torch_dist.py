@@ -130,7 +130,7 @@ class TorchDistChannel(WeightChannel):
             if self._closed or time.monotonic() >= deadline:
                 return None
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-            poll = min(poll * 2, 0.02)
+            poll = min(poll * 2, 0.005)
         self._num_announced += 1
         announced = int(self._store.get(key))
         what = f"version {announced} from rank {self.src}"
