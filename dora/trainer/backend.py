@@ -62,10 +62,10 @@ def lr_factor(update: int, cfg: TrainerConfig) -> float:
     constant / linear / cosine decay to `min_lr_ratio` at `total_steps`."""
     if update < cfg.warmup_steps:
         return (update + 1) / cfg.warmup_steps
-    if cfg.lr_schedule is LRSchedule.CONSTANT:
+    if cfg.lr_schedule is LRSchedule.constant:
         return 1.0
     progress = min(1.0, (update - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
-    if cfg.lr_schedule is LRSchedule.LINEAR:
+    if cfg.lr_schedule is LRSchedule.linear:
         decay = 1.0 - progress
     else:
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -13,41 +13,45 @@ import math
 from dataclasses import dataclass
 
 
+# Enum member names equal their values: OmegaConf matches a YAML/CLI string against member *names*,
+# so `algorithm.aggregation=token_mean` must be a name.
+
+
 class Aggregation(str, enum.Enum):
     """How per-token losses are combined into one step loss (Dr. GRPO / DAPO terminology)."""
 
-    TOKEN_MEAN = "token_mean"
+    token_mean = "token_mean"
     """Mean over every response token of the step (DAPO): long responses weigh by their length."""
-    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
+    seq_mean_token_mean = "seq_mean_token_mean"
     """Mean over sequences of each sequence's token mean (original GRPO): biased to short answers."""
-    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
     """Per sequence the token sum divided by a constant, then mean over sequences (Dr. GRPO)."""
 
 
 class OffPolicy(str, enum.Enum):
     """Which policy the importance ratio is taken against and how the behavior mismatch is corrected."""
 
-    BEHAVIOR = "behavior"
+    behavior = "behavior"
     """Ratio against the engine's behavior log-probs, PPO clipping only (default)."""
-    DECOUPLED = "decoupled"
+    decoupled = "decoupled"
     """Decoupled PPO (AReaL): ratio against the proximal policy (weights at the start of the step),
     clipped, times the importance weight proximal / behavior (uncapped unless `is_cap` is set)."""
-    TIS = "tis"
+    tis = "tis"
     """Truncated importance sampling: as decoupled, with the weight truncated at `is_cap`."""
-    MIS = "mis"
+    mis = "mis"
     """Masked importance sampling: as decoupled, tokens whose weight lies outside
     [`is_cap_low`, `is_cap`] are masked out of the loss."""
 
 
 class KLEstimator(str, enum.Enum):
-    K1 = "k1"  # log pi - log ref: unbiased for KL(pi || ref), high variance, can be negative
-    K3 = "k3"  # exp(ref - pi) - (ref - pi) - 1: unbiased, always >= 0, low variance (Schulman)
+    k1 = "k1"  # log pi - log ref: unbiased for KL(pi || ref), high variance, can be negative
+    k3 = "k3"  # exp(ref - pi) - (ref - pi) - 1: unbiased, always >= 0, low variance (Schulman)
 
 
 class LRSchedule(str, enum.Enum):
-    CONSTANT = "constant"
-    LINEAR = "linear"
-    COSINE = "cosine"
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
 
 
 def _enum(cls: type[enum.Enum], value: object, key: str) -> enum.Enum:
@@ -72,17 +76,17 @@ class AlgorithmConfig:
     """Ratio lower clip: 1 - clip_low."""
     clip_high: float = 0.2
     """Ratio upper clip: 1 + clip_high (DAPO's clip-higher uses e.g. 0.28)."""
-    aggregation: Aggregation = Aggregation.TOKEN_MEAN
+    aggregation: Aggregation = Aggregation.token_mean
     seq_norm_constant: float = 1024.0
     """The constant of `seq_mean_token_sum_norm` (Dr. GRPO uses the generation budget)."""
-    off_policy: OffPolicy = OffPolicy.BEHAVIOR
+    off_policy: OffPolicy = OffPolicy.behavior
     is_cap: float | None = None
     """TIS truncation / MIS upper mask bound on the importance weight; decoupled: optional mask bound."""
     is_cap_low: float = 0.0
     """MIS lower mask bound on the importance weight (0 = none)."""
     kl_coef: float = 0.0
     """Coefficient of the KL penalty to the reference model (0 = no reference model is kept)."""
-    kl_estimator: KLEstimator = KLEstimator.K3
+    kl_estimator: KLEstimator = KLEstimator.k3
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (the loss subtracts entropy_coef * entropy)."""
     gamma: float = 1.0
@@ -128,7 +132,7 @@ class AlgorithmConfig:
                 raise ValueError(f"algorithm.{key} must be >= 0, got {getattr(self, key)}")
         if self.is_cap is not None and not self.is_cap > max(self.is_cap_low, 0.0):
             raise ValueError(f"algorithm.is_cap must be > is_cap_low ({self.is_cap_low}) and > 0, got {self.is_cap}")
-        if self.off_policy in (OffPolicy.TIS, OffPolicy.MIS) and self.is_cap is None:
+        if self.off_policy in (OffPolicy.tis, OffPolicy.mis) and self.is_cap is None:
             raise ValueError(f"algorithm.is_cap must be set for off_policy={self.off_policy.value!r}")
         if self.value_clip is not None and not self.value_clip > 0:
             raise ValueError(f"algorithm.value_clip must be > 0 or null, got {self.value_clip}")
@@ -156,7 +160,7 @@ class TrainerConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     """Clip the global grad norm to this (0 = no clipping; the norm is still measured)."""
-    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    lr_schedule: LRSchedule = LRSchedule.constant
     warmup_steps: int = 0
     """Linear warm-up over this many optimizer updates."""
     total_steps: int = 0
@@ -188,7 +192,7 @@ class TrainerConfig:
         for key in ("warmup_steps", "total_steps", "value_hidden_size"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
-        if self.lr_schedule is not LRSchedule.CONSTANT and self.total_steps <= self.warmup_steps:
+        if self.lr_schedule is not LRSchedule.constant and self.total_steps <= self.warmup_steps:
             raise ValueError(f"trainer.total_steps ({self.total_steps}) must exceed trainer.warmup_steps "
                              f"({self.warmup_steps}) for lr_schedule={self.lr_schedule.value!r}")
         for key in ("max_tokens_per_microbatch", "logprob_chunk_size"):

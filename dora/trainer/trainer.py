@@ -145,7 +145,7 @@ class Trainer:
         fields: dict[str, list[torch.Tensor]] = {
             "behavior_logprobs": [t.behavior_logprobs.float() for t in trajectories]}
         # With one update per step the proximal policy is the current one: no extra pass needed.
-        need_proximal = algo.off_policy is not OffPolicy.BEHAVIOR and algo.updates_per_step > 1
+        need_proximal = algo.off_policy is not OffPolicy.behavior and algo.updates_per_step > 1
         fields.update(self._start_of_step_pass(trajectories, proximal=need_proximal,
                                                values=self.estimator.needs_values, ref=self.ref_model is not None))
         adv = self.estimator(batch.groups, algo, fields.get("old_values"))

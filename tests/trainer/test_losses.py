@@ -57,27 +57,27 @@ def test_symmetric_clip_changes_the_clipped_value():
 
 def test_aggregation_weights_modes():
     # lengths 1 and 3: 4 tokens, 2 sequences
-    w = aggregation_weights([1, 3], Aggregation.TOKEN_MEAN)
+    w = aggregation_weights([1, 3], Aggregation.token_mean)
     assert [x.tolist() for x in w] == [[0.25], [0.25] * 3]
-    w = aggregation_weights([1, 3], Aggregation.SEQ_MEAN_TOKEN_MEAN)  # 1 / (2 * T_i)
+    w = aggregation_weights([1, 3], Aggregation.seq_mean_token_mean)  # 1 / (2 * T_i)
     torch.testing.assert_close(torch.cat(w), torch.tensor([0.5, 1 / 6, 1 / 6, 1 / 6]))
-    w = aggregation_weights([1, 3], Aggregation.SEQ_MEAN_TOKEN_SUM_NORM, seq_norm_constant=10.0)  # 1 / (2 * 10)
+    w = aggregation_weights([1, 3], Aggregation.seq_mean_token_sum_norm, seq_norm_constant=10.0)  # 1 / (2 * 10)
     torch.testing.assert_close(torch.cat(w), torch.full((4,), 0.05))
     with pytest.raises(ValueError, match="at least one"):
-        aggregation_weights([], Aggregation.TOKEN_MEAN)
+        aggregation_weights([], Aggregation.token_mean)
 
 
 def test_kl_estimators():
     logp, ref = torch.tensor([ln(0.5)]), torch.tensor([ln(0.25)])
     # k1 = ln 0.5 - ln 0.25 = ln 2 = 0.693147
-    assert kl_penalty(logp, ref, KLEstimator.K1).item() == pytest.approx(0.693147, abs=1e-6)
+    assert kl_penalty(logp, ref, KLEstimator.k1).item() == pytest.approx(0.693147, abs=1e-6)
     # k3 = ref/pi - ln(ref/pi) - 1 = 0.5 + ln 2 - 1 = 0.193147
-    assert kl_penalty(logp, ref, KLEstimator.K3).item() == pytest.approx(0.193147, abs=1e-6)
-    assert kl_penalty(ref, ref, KLEstimator.K3).item() == 0.0
+    assert kl_penalty(logp, ref, KLEstimator.k3).item() == pytest.approx(0.193147, abs=1e-6)
+    assert kl_penalty(ref, ref, KLEstimator.k3).item() == 0.0
 
 
 def test_kl_and_entropy_terms_in_the_loss():
-    cfg = AlgorithmConfig(kl_coef=0.1, kl_estimator=KLEstimator.K1, entropy_coef=0.01)
+    cfg = AlgorithmConfig(kl_coef=0.1, kl_estimator=KLEstimator.k1, entropy_coef=0.01)
     inp = _inputs([1.0, 1.0], [0.0, 0.0], ref_logprobs_N=torch.tensor([ln(0.5), ln(2.0)], dtype=torch.float64),
                   entropy_N=torch.tensor([1.0, 2.0], dtype=torch.float64))
     out = LOSSES.get("grpo")(cfg)(inp)
@@ -103,7 +103,7 @@ def _offpolicy_inputs():
 
 
 def test_decoupled_ppo():
-    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.DECOUPLED))(_offpolicy_inputs())
+    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.decoupled))(_offpolicy_inputs())
     # token 0: -min(1.5, 1.2) * 1 * w=1.2 = -1.44; token 1: -(1 * -1) * w=0.4 = 0.4; mean = -0.52
     assert out.loss.item() == pytest.approx(-0.52)
     assert _value(out.metrics, "is_weight_max") == pytest.approx(1.2)
@@ -118,7 +118,7 @@ def test_decoupled_ppo():
 
 def test_truncated_importance_sampling():
     inp = _offpolicy_inputs()
-    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.TIS, is_cap=1.0))(inp)
+    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.tis, is_cap=1.0))(inp)
     # weights min(1.2, 1) = 1 and 0.4: (-1.2 * 1 + 1 * 0.4) / 2 = -0.4
     assert out.loss.item() == pytest.approx(-0.4)
     out.loss.backward()
@@ -127,14 +127,14 @@ def test_truncated_importance_sampling():
 
 
 def test_masked_importance_sampling():
-    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.MIS, is_cap=1.0))(_offpolicy_inputs())
+    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.mis, is_cap=1.0))(_offpolicy_inputs())
     # token 0 masked (1.2 > 1); token 1 kept with weight 0.4: 0.4 / 2 = 0.2 (normaliser unchanged)
     assert out.loss.item() == pytest.approx(0.2)
     assert _value(out.metrics, "is_masked_frac") == pytest.approx(0.5)
-    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.MIS, is_cap=1.0, is_cap_low=0.5))(_offpolicy_inputs())
+    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.mis, is_cap=1.0, is_cap_low=0.5))(_offpolicy_inputs())
     assert out.loss.item() == 0.0  # token 1 (0.4 < 0.5) masked too
     # decoupled with a cap masks like MIS with no lower bound
-    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.DECOUPLED, is_cap=1.0))(_offpolicy_inputs())
+    out = LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.decoupled, is_cap=1.0))(_offpolicy_inputs())
     assert out.loss.item() == pytest.approx(0.2)
 
 
@@ -164,4 +164,4 @@ def test_ppo_value_loss():
 
 def test_offpolicy_needs_proximal():
     with pytest.raises(ValueError, match="proximal"):
-        LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.DECOUPLED))(_inputs([1.0], [1.0]))
+        LOSSES.get("grpo")(AlgorithmConfig(off_policy=OffPolicy.decoupled))(_inputs([1.0], [1.0]))

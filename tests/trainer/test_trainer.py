@@ -38,9 +38,9 @@ def _grads(model, batch, algo, max_tokens):
 
 @pytest.mark.parametrize("algo", [
     AlgorithmConfig(),
-    AlgorithmConfig(aggregation=Aggregation.SEQ_MEAN_TOKEN_MEAN, std_normalize=False, clip_high=0.28),
-    AlgorithmConfig(aggregation=Aggregation.SEQ_MEAN_TOKEN_SUM_NORM, seq_norm_constant=8.0, entropy_coef=0.01,
-                    off_policy=OffPolicy.TIS, is_cap=1.5),
+    AlgorithmConfig(aggregation=Aggregation.seq_mean_token_mean, std_normalize=False, clip_high=0.28),
+    AlgorithmConfig(aggregation=Aggregation.seq_mean_token_sum_norm, seq_norm_constant=8.0, entropy_coef=0.01,
+                    off_policy=OffPolicy.tis, is_cap=1.5),
     AlgorithmConfig(loss="ppo", advantage="gae", lam=0.9),
 ], ids=["token_mean", "seq_mean_token_mean", "sum_norm_tis_entropy", "ppo"])
 def test_gradient_does_not_depend_on_microbatch_split(algo):
@@ -160,7 +160,7 @@ def test_bad_trajectories_are_rejected_with_their_ids():
 
 def test_several_updates_per_step_with_decoupled_ppo_and_kl():
     model = tiny_model(seed=10)
-    algo = AlgorithmConfig(off_policy=OffPolicy.DECOUPLED, ppo_epochs=2, num_minibatches=2, kl_coef=0.05,
+    algo = AlgorithmConfig(off_policy=OffPolicy.decoupled, ppo_epochs=2, num_minibatches=2, kl_coef=0.05,
                            kl_estimator="k1")
     trainer = Trainer(model, algo, TrainerConfig(lr=3e-3))
     metrics = trainer.train_step(random_batch(model, seed=11))

@@ -24,11 +24,11 @@ def aggregation_weights(lengths: list[int], mode: Aggregation, *, seq_norm_const
     if not lengths or min(lengths) < 1:
         raise ValueError(f"aggregation needs at least one trajectory and >= 1 token each, got lengths {lengths}")
     num_seqs = len(lengths)
-    if mode is Aggregation.TOKEN_MEAN:
+    if mode is Aggregation.token_mean:
         total = sum(lengths)
         return [torch.full((n,), 1.0 / total) for n in lengths]
-    if mode is Aggregation.SEQ_MEAN_TOKEN_MEAN:
+    if mode is Aggregation.seq_mean_token_mean:
         return [torch.full((n,), 1.0 / (num_seqs * n)) for n in lengths]
-    if mode is Aggregation.SEQ_MEAN_TOKEN_SUM_NORM:
+    if mode is Aggregation.seq_mean_token_sum_norm:
         return [torch.full((n,), 1.0 / (num_seqs * seq_norm_constant)) for n in lengths]
     raise ValueError(f"unknown aggregation {mode!r}; allowed: {[m.value for m in Aggregation]}")

@@ -16,8 +16,8 @@ from dora.trainer.config import KLEstimator
 
 def kl_penalty(logprobs_N: torch.Tensor, ref_logprobs_N: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
     log_ratio_N = ref_logprobs_N - logprobs_N
-    if estimator is KLEstimator.K1:
+    if estimator is KLEstimator.k1:
         return -log_ratio_N
-    if estimator is KLEstimator.K3:
+    if estimator is KLEstimator.k3:
         return torch.exp(log_ratio_N) - log_ratio_N - 1
     raise ValueError(f"unknown KL estimator {estimator!r}; allowed: {[e.value for e in KLEstimator]}")

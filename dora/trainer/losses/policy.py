@@ -31,11 +31,11 @@ def importance_weights(proximal_logprobs_N: torch.Tensor, behavior_logprobs_N: t
     kept in the loss, for the decoupled / TIS / MIS modes."""
     raw_N = torch.exp(proximal_logprobs_N.detach() - behavior_logprobs_N)
     kept_N = torch.ones_like(raw_N, dtype=torch.bool)
-    if cfg.off_policy is OffPolicy.TIS:
+    if cfg.off_policy is OffPolicy.tis:
         return raw_N.clamp(max=cfg.is_cap), kept_N
-    if cfg.off_policy is OffPolicy.MIS:
+    if cfg.off_policy is OffPolicy.mis:
         kept_N = (raw_N >= cfg.is_cap_low) & (raw_N <= cfg.is_cap)
-    elif cfg.off_policy is OffPolicy.DECOUPLED and cfg.is_cap is not None:
+    elif cfg.off_policy is OffPolicy.decoupled and cfg.is_cap is not None:
         kept_N = raw_N <= cfg.is_cap
     return raw_N * kept_N, kept_N
 
@@ -44,7 +44,7 @@ def policy_token_losses(inp: LossInputs, cfg: AlgorithmConfig) -> tuple[torch.Te
     """Per-token policy loss [N] (surrogate + KL + entropy terms) and its token-mean metrics."""
     num_tokens = inp.logprobs_N.numel()
     metrics = MetricBag()
-    if cfg.off_policy is OffPolicy.BEHAVIOR:
+    if cfg.off_policy is OffPolicy.behavior:
         old_logprobs_N = inp.behavior_logprobs_N
         is_weight_N = None
     else:
