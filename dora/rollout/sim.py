@@ -155,6 +155,8 @@ class SimResult:
     end_time: float
     engine_idle_s: list[float]
     engine_seq_s: list[float]
+    pool_idle_s: list[float]
+    """Idle time per engine as the scheduler's pool accounted it (should match `engine_idle_s`)."""
     max_seqs_per_engine: int
     metrics: RolloutMetrics
     max_in_flight: int
@@ -296,7 +298,7 @@ def simulate(config: RolloutConfig, workload: SimWorkload, *, crash_at_step: int
     for eng in engines:
         eng.account(t)
     return SimResult(steps, submits, t, [e.idle_s for e in engines], [e.seq_s for e in engines],
-                     config.max_seqs_per_engine, sched.metrics, max_in_flight, num_events)
+                     sched.pool.idle_s(t), config.max_seqs_per_engine, sched.metrics, max_in_flight, num_events)
 
 
 def _trajectory(seq: _Seq, length: int, reason: FinishReason, engine_id: int, t: float) -> Trajectory:

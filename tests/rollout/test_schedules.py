@@ -8,6 +8,7 @@ deadlock, and k = 0 reproducing the synchronous schedule exactly.
 
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,7 +73,10 @@ def check_constraints(config: RolloutConfig, workload: SimWorkload, result: SimR
 @given(schedules())
 def test_random_schedules_keep_the_invariants(case):
     config, workload = case
-    check_constraints(config, workload, simulate(config, workload))
+    result = simulate(config, workload)
+    check_constraints(config, workload, result)
+    # The pool's idle accounting agrees with the engines' own.
+    assert result.pool_idle_s == pytest.approx(result.engine_idle_s, abs=1e-6)
 
 
 def synchronous_reference(num_prompts: int, B: int) -> list[tuple[int, list[int]]]:
