@@ -56,7 +56,8 @@ class RolloutDriver:
         self.clock = clock
         self.timeout_s = scheduler.config.wait_timeout_s
         self._weights: dict[int, Mapping[str, torch.Tensor]] = {}
-        self._offsets: dict[tuple[int, int], int] = {}
+        self._offsets: dict[tuple[int, int], tuple[int, int]] = {}
+        """(group_id, engine_id) of a split group's chunk -> (first sample_idx, samples not back yet)."""
         self._tasks: set[asyncio.Task] = set()
         self._batch: asyncio.Future[Batch] | None = None
         self._error: BaseException | None = None
@@ -74,6 +75,8 @@ class RolloutDriver:
     async def next_batch(self, step: int, timeout: float | None = None) -> Batch:
         """The batch of train step `step` (waits while the core says so)."""
         self._raise_if_failed()
+        if self.scheduler.done:
+            raise ValueError(f"next_batch({step}): every prompt was consumed (the prompt source is exhausted)")
         loop = asyncio.get_running_loop()
         self._batch = loop.create_future()
         self._feed(StepRequested(self.clock(), step))
@@ -118,7 +121,7 @@ class RolloutDriver:
                 if offset and sampling.seed is not None:
                     sampling = dataclasses.replace(sampling, seed=sampling.seed + offset)
                 if offset:
-                    self._offsets[(group.group_id, action.engine_id)] = offset
+                    self._offsets[(group.group_id, action.engine_id)] = (offset, group.num_samples)
                 self.engines[action.engine_id].submit(group, action.version, sampling)
             elif isinstance(action, Abort):
                 for engine_id in action.engine_ids:
@@ -145,9 +148,14 @@ class RolloutDriver:
 
     async def _read(self, engine: Engine) -> None:
         async for traj in engine.finished():
-            offset = self._offsets.get((traj.group_id, engine.engine_id))
-            if offset:
+            key = (traj.group_id, engine.engine_id)
+            if key in self._offsets:
+                offset, left = self._offsets[key]
                 traj.sample_idx += offset
+                if left > 1:
+                    self._offsets[key] = (offset, left - 1)
+                else:
+                    del self._offsets[key]
             if self.reward is not None and traj.finish_reason is not FinishReason.ABORT:
                 self._spawn(self._score_then_feed(engine.engine_id, traj))
             else:
