@@ -244,3 +244,15 @@ def test_loss_shares_average_over_updates():
         random_batch(model, seed=18))
     assert metrics.extra["value_loss"] == pytest.approx(one.extra["value_loss"], rel=1e-5)
     assert metrics.loss == pytest.approx(one.loss, rel=1e-5)
+
+
+def test_dense_model_trains_without_routing():
+    model = tiny_model(seed=19, num_experts=0)
+    batch = random_batch(model, seed=20)
+    assert all(t.routing is None for t in batch.trajectories)
+    trainer = Trainer(model, AlgorithmConfig(), TrainerConfig(lr=1e-2))
+    before = trainer.publish_weights()
+    metrics = trainer.train_step(batch)
+    assert not trainer.replay and not metrics.skipped and metrics.grad_norm > 0
+    assert metrics.routing_mismatch != metrics.routing_mismatch  # nan: nothing to compare
+    assert any(not torch.equal(before[k], v) for k, v in trainer.publish_weights().items())
