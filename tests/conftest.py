@@ -19,7 +19,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Test tensors are tiny: one intra-op thread is fastest, and two oversubscribe a loaded 2-core machine
+# (observed 30-100x slower tiny forward/backward passes).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
