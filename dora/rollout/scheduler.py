@@ -124,6 +124,10 @@ class Scheduler:
         """Admitted, unconsumed groups (running, queued or finished): at most (k + 1) * B."""
         return self.controller.num_unconsumed
 
+    def active_versions(self) -> list[int]:
+        """Policy versions live on at least one engine now, ascending."""
+        return list(self.pool.live_versions())
+
     def wait_status(self, time: float) -> WaitStatus | None:
         """What the trainer waits for now (None if it does not wait)."""
         if self._waiting is None:

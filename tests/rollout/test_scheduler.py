@@ -34,6 +34,7 @@ def naive_gate_setup(on_stale):
     assert start.batch.step == 0
     assert kinds(sched.handle(VersionPublished(3.0, 1)), LoadVersion) == [LoadVersion(0, 1)]
     (d,) = [s.group for s in kinds(sched.handle(EngineLoaded(3.0, 0, 1)), Submit)]
+    assert sched.active_versions() == [0, 1]  # version 0 stays live beside 1 until b and c drain
     sched.handle(StepRequested(3.0, 1))
     return sched, a, b, c, d
 
