@@ -92,7 +92,8 @@ class SimWorkload:
         return min(self.max_tokens, int(self.min_tokens * rng.paretovariate(self.tail_alpha)))
 
     def step_time(self, step: int) -> float:
-        rng = random.Random(hash((self.seed, "step", step)))
+        # Ints only: hashing a str would vary with PYTHONHASHSEED and break determinism.
+        rng = random.Random(hash((self.seed, -1, step)))
         return self.step_time_s * (1.0 + self.step_jitter * rng.random())
 
 
