@@ -245,3 +245,42 @@ def load_trace(path: str | Path) -> RoutingTrace:
     if counts.ndim != 3 or counts.shape[-1] != E:
         raise ValueError(f"{path}: counts must be [micro-batches, layers, {E}], got {list(counts.shape)}")
     return RoutingTrace(counts_MLE=counts, num_experts=E, tokens_per_microbatch=tpm, ids_TLK=ids)
+
+
+# ---------------------------------------------------------------------------- recorded from dora's engine
+
+def record_engine_trace(model_config: Any, *, num_sequences: int = 256, prompt_len: int = 16,
+                        max_new_tokens: int = 32, seed: int = 0, weights: dict[str, Any] | None = None,
+                        max_num_seqs: int = 64) -> np.ndarray:
+    """Generate `num_sequences` sequences with dora's torch engine on its MoE model and return their
+    routing records concatenated in finishing order -> ids [tokens, L, K] (uint8/int16).
+
+    `weights` default to a freshly initialised `DecoderLM` (seeded); prompts are random token ids.
+    Every token the engine fed to the model is in the record (`Trajectory.routing`).
+    """
+    import torch
+
+    from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+    from dora.models.model import DecoderLM
+    from dora.types import PromptGroup, SamplingParams
+
+    if not model_config.is_moe:
+        raise ValueError("record_engine_trace needs a MoE model config (num_experts > 0)")
+    if weights is None:
+        weights = DecoderLM.from_config(model_config, seed=seed).state_dict()
+    engine = TorchEngine(model_config, TorchEngineConfig(max_num_seqs=max_num_seqs,
+                                                         max_model_len=prompt_len + max_new_tokens,
+                                                         max_num_batched_tokens=max(512, max_num_seqs),
+                                                         seed=seed))
+    engine.add_version(0, weights)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model_config.vocab_size, (num_sequences, prompt_len), generator=gen).tolist()
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    for i, prompt in enumerate(prompts):  # the engine queues what does not fit its slots
+        engine.submit(PromptGroup(group_id=i, prompt_id=i, prompt_ids=prompt), 0, sampling)
+    routing: list[np.ndarray] = []
+    while engine.has_work():
+        for traj in engine.step():
+            assert traj.routing is not None
+            routing.append(traj.routing.numpy())
+    return np.concatenate(routing).astype(_ids_dtype(model_config.num_experts))

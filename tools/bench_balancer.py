@@ -1,0 +1,252 @@
+"""dora's replay-guided expert balancer against no balancing, EPLB and the ideal, on routing traces.
+
+    python tools/bench_balancer.py --json bench_balancer.json --png bench_balancer.png
+    python tools/bench_balancer.py --quick            # < 2 minutes
+
+Reference trace (the issue's targets): 256 experts, top-8, 64 ranks in 8 nodes of 8, 4 experts + 1
+spare slot per rank, 131,072 tokens per micro-batch, 8 micro-batches per step, 16 hot experts with
+12% of the traffic moving every 2 micro-batches, Qwen3-30B-A3B-like experts; counts drawn directly
+(see dora.moe.traces). Each trace has one extra warm-up step first that only feeds EPLB's history;
+every figure is over the steps after it.
+
+Policies: none (contiguous experts, no replicas); eplb_history (EPLB from a moving average of past
+steps, replicas get even shares); eplb_oracle_step (EPLB from the step's own total loads, even
+shares); dora (placement across nodes per step, replicas and uneven quotas per micro-batch inside
+each node); dora_cross_node (the same, replicas may cross nodes); ideal (every rank at the mean).
+
+Per policy: imbalance (max / mean rank load per layer and micro-batch) p50/p99/max, simulated step
+time (dora.moe.cost_model, seconds, summed over layers and micro-batches), bytes moved per step
+(weight copies + replica gradients), speedups. Planner latency: dora's plan for one layer and
+micro-batch, with the step placement's time spread over the step's micro-batches, on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from dora.moe import cost_model  # noqa: E402
+from dora.moe.balancer import BalancerConfig, contiguous_plan, place_nodes, plan_microbatch  # noqa: E402
+from dora.moe.baselines import EplbHistory, eplb_placement, even_split_plan  # noqa: E402
+from dora.moe.plan import Plan, Topology, imbalance  # noqa: E402
+from dora.moe.traces import TraceConfig, counts_from_ids, record_engine_trace, synthetic_counts  # noqa: E402
+
+POLICIES = ("none", "eplb_history", "eplb_oracle_step", "dora", "dora_cross_node", "ideal")
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str
+    counts_MLE: np.ndarray
+    topo: Topology
+    microbatches_per_step: int
+    expert: cost_model.ExpertShape
+
+
+@dataclass(slots=True)
+class PolicyResult:
+    imbalance: list[float] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)
+    bytes_moved: list[float] = field(default_factory=list)
+    series: list[float] = field(default_factory=list)
+    """Imbalance averaged over layers, per micro-batch, for the plot."""
+
+
+def reference_trace(layers: int, steps: int, seed: int, **overrides) -> TraceConfig:
+    return TraceConfig(num_layers=layers, num_steps=steps + 1, seed=seed, **overrides)
+
+
+def workloads(quick: bool, seed: int) -> list[Workload]:
+    layers, steps = (8, 2) if quick else (48, 4)
+    ref_topo = Topology(num_experts=256, num_ranks=64, ranks_per_node=8, slots_per_rank=5)
+    qwen = cost_model.QWEN3_30B_A3B
+    out = []
+    for name, overrides in (("reference", {}),
+                            ("adversarial_one_expert_30pct_tokens", {"dominant_token_share": 0.3}),
+                            ("hot_moves_every_microbatch", {"hot_move_every": 1}),
+                            ("no_hot_experts_skew_only", {"num_hot": 0, "hot_share": 0.0})):
+        cfg = reference_trace(layers, steps, seed, **overrides)
+        out.append(Workload(name, synthetic_counts(cfg), ref_topo, cfg.microbatches_per_step, qwen))
+    cfg = reference_trace(layers, steps, seed)
+    out.append(Workload("reference_deepseek_v3_experts", synthetic_counts(cfg), ref_topo,
+                        cfg.microbatches_per_step, cost_model.DEEPSEEK_V3))
+    out.append(engine_workload(quick, seed))
+    return out
+
+
+def engine_workload(quick: bool, seed: int) -> Workload:
+    """Routing recorded from dora's torch engine on a tiny MoE (64 experts, top-8, random weights),
+    on 16 ranks in 4 nodes of 4 with 4 experts + 1 spare slot each."""
+    import torch
+
+    from dora.models.config import ModelConfig
+
+    torch.set_num_threads(1)
+    cfg = ModelConfig.tiny(num_experts=64, num_experts_per_tok=8)
+    ids = record_engine_trace(cfg, num_sequences=128 if quick else 384, seed=seed)
+    tokens_per_mb, mbs = 512, 4
+    counts = counts_from_ids(ids, cfg.num_experts, tokens_per_mb)
+    counts = counts[: len(counts) // mbs * mbs]
+    return Workload("engine_tiny_moe_64x8", counts, Topology(64, 16, 4, 5), mbs, cost_model.QWEN3_30B_A3B)
+
+
+def run_workload(w: Workload, planner_times: list[float] | None = None) -> dict[str, PolicyResult]:
+    topo, M = w.topo, w.microbatches_per_step
+    num_steps = w.counts_MLE.shape[0] // M
+    L = w.counts_MLE.shape[1]
+    results = {p: PolicyResult() for p in POLICIES}
+    history = EplbHistory(topo, L)
+    dora_intra, dora_cross = BalancerConfig(cross_node=False), BalancerConfig(cross_node=True)
+    last: dict[str, list[Plan | None]] = {p: [None] * L for p in POLICIES}
+    for step in range(num_steps):
+        counts_MLE = w.counts_MLE[step * M:(step + 1) * M]
+        measured = step > 0  # step 0 only warms EPLB's history
+        plans: dict[str, list[list[Plan]]] = {p: [] for p in POLICIES if p != "ideal"}
+        for layer in range(L):
+            c_ME = counts_MLE[:, layer]
+            plans["none"].append([contiguous_plan(c, topo) for c in c_ME])
+            hist = history.placement(layer)
+            plans["eplb_history"].append([even_split_plan(c, hist, topo) for c in c_ME])
+            oracle = eplb_placement(c_ME.sum(0), topo)
+            plans["eplb_oracle_step"].append([even_split_plan(c, oracle, topo) for c in c_ME])
+            t0 = time.perf_counter()
+            placement = place_nodes(c_ME, topo)
+            t_place = time.perf_counter() - t0
+            layer_plans = []
+            for c in c_ME:
+                t0 = time.perf_counter()
+                layer_plans.append(plan_microbatch(c, placement, topo, config=dora_intra))
+                if planner_times is not None and measured:
+                    planner_times.append(time.perf_counter() - t0 + t_place / M)
+            plans["dora"].append(layer_plans)
+            plans["dora_cross_node"].append([plan_microbatch(c, placement, topo, config=dora_cross) for c in c_ME])
+        history.observe(counts_MLE)
+        for policy, by_layer in plans.items():
+            res = results[policy]
+            step_time, moved = 0.0, 0.0
+            per_mb = np.zeros(M)
+            for layer, layer_plans in enumerate(by_layer):
+                prev = last[policy][layer]
+                for m, plan in enumerate(layer_plans):
+                    nxt = layer_plans[m + 1] if m + 1 < M else None
+                    move = cost_model.movement(prev, plan, nxt, topo, w.expert)
+                    load = plan.rank_load()
+                    step_time += cost_model.layer_time(load, move, topo, w.expert)
+                    moved += move.total
+                    per_mb[m] += imbalance(load)
+                    if measured:
+                        res.imbalance.append(imbalance(load))
+                    prev = plan
+                last[policy][layer] = prev
+            if measured:
+                res.step_time.append(step_time)
+                res.bytes_moved.append(moved)
+                res.series.extend((per_mb / L).tolist())
+        if measured:
+            ideal = results["ideal"]
+            total = 0.0
+            for layer in range(L):
+                for c in counts_MLE[:, layer]:
+                    load = np.full(topo.num_ranks, c.sum() / topo.num_ranks)
+                    total += cost_model.layer_time(load, None, topo, w.expert)
+                    ideal.imbalance.append(1.0)
+            ideal.step_time.append(total)
+            ideal.bytes_moved.append(0.0)
+            ideal.series.extend([1.0] * M)
+    return results
+
+
+def summarize(results: dict[str, PolicyResult]) -> dict:
+    policies = {}
+    for name, r in results.items():
+        imb = np.asarray(r.imbalance)
+        policies[name] = {
+            "imbalance_p50": float(np.percentile(imb, 50)), "imbalance_p99": float(np.percentile(imb, 99)),
+            "imbalance_max": float(imb.max()), "step_time": float(np.mean(r.step_time)),
+            "bytes_moved": float(np.mean(r.bytes_moved)),
+        }
+    ideal = policies["ideal"]["step_time"]
+    for p in policies.values():
+        p["efficiency_vs_ideal"] = ideal / p["step_time"]
+    dora = policies["dora"]["step_time"]
+    return {"policies": policies,
+            "speedup_vs_eplb_oracle_step": policies["eplb_oracle_step"]["step_time"] / dora,
+            "speedup_vs_none": policies["none"]["step_time"] / dora,
+            "speedup_vs_eplb_history": policies["eplb_history"]["step_time"] / dora,
+            "cross_node_speedup_vs_eplb_oracle_step": policies["eplb_oracle_step"]["step_time"]
+            / policies["dora_cross_node"]["step_time"]}
+
+
+def print_table(name: str, summary: dict) -> None:
+    print(f"\n== {name}")
+    print(f"{'policy':<18}{'imb p50':>9}{'imb p99':>9}{'imb max':>9}{'step s':>10}{'eff':>7}{'GB moved':>10}")
+    for policy, p in summary["policies"].items():
+        print(f"{policy:<18}{p['imbalance_p50']:>9.3f}{p['imbalance_p99']:>9.3f}{p['imbalance_max']:>9.3f}"
+              f"{p['step_time']:>10.3f}{p['efficiency_vs_ideal']:>7.3f}{p['bytes_moved'] / 1e9:>10.2f}")
+    print(f"dora speedup vs eplb_oracle_step {summary['speedup_vs_eplb_oracle_step']:.3f}x, "
+          f"vs none {summary['speedup_vs_none']:.3f}x, vs eplb_history {summary['speedup_vs_eplb_history']:.3f}x; "
+          f"cross-node vs eplb_oracle_step {summary['cross_node_speedup_vs_eplb_oracle_step']:.3f}x")
+
+
+def plot(results: dict[str, PolicyResult], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, r in results.items():
+        ax.plot(r.series, label=name, linewidth=1.2)
+    ax.set_xlabel("micro-batch")
+    ax.set_ylabel("max / mean rank load (mean over layers)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8 layers, 2 measured steps (< 2 minutes)")
+    ap.add_argument("--json", help="write the reference trace's results (plus the other traces) here")
+    ap.add_argument("--png", default=None, help="plot of imbalance over micro-batches (reference trace)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only-reference", action="store_true")
+    args = ap.parse_args()
+
+    all_summaries = {}
+    planner_times: list[float] = []
+    for w in workloads(args.quick, args.seed):
+        if args.only_reference and w.name != "reference":
+            continue
+        t0 = time.perf_counter()
+        results = run_workload(w, planner_times if w.name == "reference" else None)
+        all_summaries[w.name] = summarize(results)
+        print_table(f"{w.name}: {w.topo.num_experts} experts, {w.topo.num_ranks} ranks / {w.topo.num_nodes} nodes, "
+                    f"{w.counts_MLE.shape[1]} layers, {w.counts_MLE.shape[0] // w.microbatches_per_step - 1} "
+                    f"measured steps ({time.perf_counter() - t0:.0f} s)", all_summaries[w.name])
+        if w.name == "reference" and args.png:
+            plot(results, args.png, "reference trace: imbalance per micro-batch")
+    ms = np.asarray(planner_times) * 1e3
+    print(f"\ndora planner per layer and micro-batch (256 experts x 64 ranks, 1 core, preliminary: shared "
+          f"machine): p50 {np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms over {len(ms)} plans")
+    if args.json:
+        out = dict(all_summaries["reference"])
+        out["planner_ms_p50"] = float(np.percentile(ms, 50))
+        out["planner_ms_p99"] = float(np.percentile(ms, 99))
+        out["other_traces"] = {k: v for k, v in all_summaries.items() if k != "reference"}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
