@@ -116,9 +116,12 @@ def test_timeout_names_the_group_version_and_engine():
     async def run():
         config = RolloutConfig(max_staleness=1, batch_groups=1, group_size=1, max_seqs_per_engine=1)
         scheduler = Scheduler(config, RangePromptSource(4, 1), 1)
-        driver = RolloutDriver(scheduler, [FakeEngine(0, 2, slowdown=10**6)], SamplingParams())
+        engine = FakeEngine(0, 2, slowdown=10**6)
+        driver = RolloutDriver(scheduler, [engine], SamplingParams())
         await driver.start({"w": torch.tensor(0.0)})
         try:
+            while not engine.running:  # version 0 loads in a worker thread; then group 0 starts
+                await asyncio.sleep(0.001)
             with pytest.raises(TimeoutError, match=r"group 0 \(prompt 0, version 0\) running for \d+ s on engine 0"):
                 await driver.next_batch(0, timeout=0.05)
         finally:
