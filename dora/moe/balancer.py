@@ -137,18 +137,19 @@ def contiguous_plan(counts_E: np.ndarray, topo: Topology) -> Plan:
     return Plan(phys_to_log=phys_to_log, quota=quota, home=home, slots_per_rank=topo.slots_per_rank)
 
 
-def _replicate(items: list[list[int]], extra: int) -> list[int]:
+def _replicate(items: list[list[int]], extra: int, max_copies: int) -> list[int]:
     """Replica counts per item: `extra` copies added one at a time to the item with the most load per
-    copy (ties to the earlier item)."""
+    copy (ties to the earlier item), at most `max_copies` (one per rank) each."""
     copies = [1] * len(items)
-    heap = [(-load, i) for i, (load, _) in enumerate(items) if load > 0]
+    heap = [(-load, i) for i, (load, _) in enumerate(items) if load > 0 and max_copies > 1]
     heapq.heapify(heap)
     for _ in range(extra):
         if not heap:
             break
         _, i = heapq.heappop(heap)
         copies[i] += 1
-        heapq.heappush(heap, (-(items[i][0] / copies[i]), i))
+        if copies[i] < max_copies:
+            heapq.heappush(heap, (-(items[i][0] / copies[i]), i))
     return copies
 
 
@@ -156,7 +157,7 @@ def _pack_node(items: list[list[int]], ranks: range, S: int, phys_to_log: np.nda
                sweeps: int) -> None:
     """Replicate, pack and level one node's (or the whole cluster's) items ([load, expert]) onto the
     ranks' slots. Needs len(items) <= len(ranks) * S."""
-    copies = _replicate(items, len(ranks) * S - len(items))
+    copies = _replicate(items, len(ranks) * S - len(items), len(ranks))
     pieces = sorted(((load / c, i) for i, ((load, _), c) in enumerate(zip(items, copies)) for _ in range(c)),
                     key=lambda t: (-t[0], t[1]))
     rank_load = {r: 0.0 for r in ranks}
@@ -171,13 +172,19 @@ def _pack_node(items: list[list[int]], ranks: range, S: int, phys_to_log: np.nda
         while heap and any(s // S == rank for s in slots_of[i]):
             skipped.append((rank_l, rank))
             rank_l, rank = heapq.heappop(heap)
-        slot = rank * S + used[rank]
-        used[rank] += 1
-        slots_of[i].append(slot)
-        amount[slot] = piece
-        rank_load[rank] += piece
-        if used[rank] < S:
+        held = [s for s in slots_of[i] if s // S == rank]
+        if held:  # every rank with a free slot already holds this item: grow that copy instead
+            amount[held[0]] += piece
+            rank_load[rank] += piece
             heapq.heappush(heap, (rank_load[rank], rank))
+        else:
+            slot = rank * S + used[rank]
+            used[rank] += 1
+            slots_of[i].append(slot)
+            amount[slot] = piece
+            rank_load[rank] += piece
+            if used[rank] < S:
+                heapq.heappush(heap, (rank_load[rank], rank))
         for entry in skipped:
             heapq.heappush(heap, entry)
     # Uneven quotas: each replicated item's tokens are water-filled over its copies' ranks (the
