@@ -70,7 +70,7 @@ def main() -> None:
     tokenizer = CharTokenizer()
     data_cfg = DataConfig(source="arithmetic", seed=args.seed)
     splits = build_dataset(data_cfg)
-    model_cfg = ModelConfig.tiny().with_tokenizer(tokenizer)
+    model_cfg = ModelConfig.tiny(vocab_size=tokenizer.vocab_size).with_tokenizer(tokenizer)
     model = DecoderLM.from_config(model_cfg, seed=args.seed)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; train rows {len(splits.train)}, "
           f"held-out {len(splits.eval)}")

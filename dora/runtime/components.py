@@ -49,7 +49,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> DecoderLM:
             raise ValueError(f"model.path {folder} is not a model folder (no config.json)")
         model = load_model(folder, device=cfg.trainer.device)
     else:
-        preset = getattr(ModelConfig, cfg.model.preset)()
+        preset = getattr(ModelConfig, cfg.model.preset)(vocab_size=tokenizer.vocab_size)
         model = DecoderLM.from_config(preset.with_tokenizer(tokenizer), seed=cfg.model.seed, device=cfg.trainer.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

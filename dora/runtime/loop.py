@@ -1,13 +1,12 @@
-"""The inline runtime: every stage in one process, the whole training run in one screen.
+"""The training loop, the same for every runtime: serve a version, wait for a batch, train, publish.
 
-Engines decode on their own worker threads, the trainer runs each step on another thread, and the
-rollout driver (scheduler core) runs on the asyncio loop of the main thread — so generation keeps
-going while a step trains, exactly as with the Ray runtime, but with no process boundaries
-(tests, debugging, a laptop). torch's intra-op thread pool is per process: the run uses
-`max(runtime.engine_threads, runtime.trainer_threads)` threads for every stage.
+Lifecycle (one screen): restore (if resuming) -> serve version `start_step` -> [wait for the
+batch of step s -> train -> publish version s + 1 -> log / evaluate / checkpoint] x steps -> close.
 
-Lifecycle: build stages -> serve version 0 (or the resumed one) -> [wait for batch -> train ->
-publish -> log / evaluate / checkpoint] x steps -> save -> tear down.
+The rollout driver (scheduler core) runs on this process's asyncio loop; engines and the trainer
+are whatever the runtime built (`Stages`): objects on worker threads (inline.py) or thin proxies of
+Ray actors (ray_runtime.py). Generation never waits for training: while a step trains, the engines
+keep decoding the groups the deadline invariant lets them hold.
 """
 
 from __future__ import annotations
@@ -17,25 +16,27 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from dora.config import RunConfig, config_to_dict
+from dora.data.prompt_source import PromptSource
+from dora.data.tokenizer import Tokenizer
 from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
-from dora.models.io import save_model
+from dora.models.config import ModelConfig
+from dora.rewards.pool import RewardPool
 from dora.rollout.driver import RolloutDriver
+from dora.rollout.scheduler import Scheduler
 from dora.runtime import checkpoint as ckpt
-from dora.runtime.components import (build_engines, build_model, build_rewards, build_scheduler, build_tokenizer,
-                                     group_for_reward, sampling_params)
+from dora.runtime.components import group_for_reward, sampling_params
 from dora.runtime.evaluate import EvalResult, evaluate
 from dora.telemetry.metrics import JsonlLogger, MetricLogger, MultiLogger, WandbLogger
 from dora.telemetry.progress import ProgressDisplay
 from dora.telemetry.timeline import Timeline
-from dora.trainer.trainer import Trainer
-from dora.data.prompt_source import PromptSource
 from dora.types import Batch, Trajectory
 
 log = logging.getLogger(__name__)
@@ -59,34 +60,63 @@ class TrainSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class InlineRun:
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        setup_start = time.monotonic()
+class TrainerHandle(Protocol):
+    """The trainer as the loop sees it: in this process (inline) or in a Ray actor."""
+
+    async def train_step(self, batch: Batch) -> dict[str, Any]:
+        """Run one train step; its `TrainMetrics.to_dict()`."""
+
+    async def publish(self, version: int) -> Mapping[str, torch.Tensor]:
+        """Publish the current weights as `version` on the sync channel; returns what the rollout
+        driver hands to `engine.add_version` (the tensors, or a handle the engine side resolves)."""
+
+    async def weights(self) -> Mapping[str, torch.Tensor]:
+        """The current policy weights in this process (for evaluation)."""
+
+    async def save(self, folder: Path) -> None:
+        """Write `folder/model` (Hugging Face layout) and the trainer state."""
+
+    async def restore(self, folder: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Stages:
+    """Everything a run is made of; built by a runtime (inline.py, ray_runtime.py)."""
+
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    source: PromptSource
+    scheduler: Scheduler
+    engines: list[Any]
+    """Engine-protocol objects with `start()` / `close()`, engine_id 0..N-1."""
+    rewards: RewardPool
+    trainer: TrainerHandle
+    setup_s: float = 0.0
+    close_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+
+class TrainLoop:
+    def __init__(self, cfg: RunConfig, run_dir: Path, stages: Stages) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(max(cfg.runtime.engine_threads, cfg.runtime.trainer_threads))
-        torch.manual_seed(cfg.seed)
-        self.tokenizer = build_tokenizer(cfg)
-        self.model = build_model(cfg, self.tokenizer)
-        self.source = PromptSource(cfg.data, self.tokenizer)
-        self.engines = build_engines(cfg, self.model.config)
-        self.scheduler = build_scheduler(cfg, self.source)
-        self.rewards = build_rewards(cfg, self.tokenizer)
-        self.trainer = Trainer(self.model, cfg.algorithm, cfg.trainer)
+        self.stages = stages
+        self.tokenizer, self.source, self.scheduler = stages.tokenizer, stages.source, stages.scheduler
+        self.engines, self.rewards, self.trainer = stages.engines, stages.rewards, stages.trainer
         self.sampling = sampling_params(cfg, self.tokenizer)
         self.eval_groups = self.source.eval_groups()
         if cfg.eval.num_prompts:
             self.eval_groups = self.eval_groups[:cfg.eval.num_prompts]
         max_prompt = max(len(g.prompt_ids) for g in self.eval_groups)
-        self.eval_engine = TorchEngine(self.model.config, TorchEngineConfig(
+        self.eval_engine = TorchEngine(stages.model_config, TorchEngineConfig(
             device=cfg.engine.device, dtype=cfg.engine.dtype, max_num_seqs=cfg.engine.max_num_seqs,
             max_model_len=max(cfg.engine.max_model_len, max_prompt + cfg.eval.max_new_tokens + 1),
             max_num_batched_tokens=cfg.engine.max_num_batched_tokens, max_live_versions=1, engine_id=-1))
         self.timeline = Timeline()
         self.start_step = 0
-        if cfg.resume:
-            self._restore(ckpt.latest_checkpoint(Path(cfg.resume)))
+        self._resume_from = ckpt.latest_checkpoint(Path(cfg.resume)) if cfg.resume else None
         self.metrics_path = run_dir / "metrics.jsonl"
         loggers: list[MetricLogger] = [JsonlLogger(self.metrics_path)]
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
@@ -97,13 +127,15 @@ class InlineRun:
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         self._group_spans: dict[int, list[float]] = {}
         self._rollout_tokens = 0
-        self.setup_s = time.monotonic() - setup_start
+        self.setup_s = stages.setup_s
 
     # ---- the loop --------------------------------------------------------------------------
 
     async def run(self) -> TrainSummary:
         cfg = self.cfg
         self.progress.print(f"dora: run folder {self.run_dir} (metrics: {self.metrics_path})")
+        if self._resume_from is not None:
+            await self._restore(self._resume_from)
         driver = RolloutDriver(self.scheduler, self.engines, self.sampling, reward=self._score)
         for engine in self.engines:
             engine.start()
@@ -112,7 +144,7 @@ class InlineRun:
         final_eval = initial_eval
         trained_tokens, max_live, staleness = 0, 0, Counter()
         try:
-            await driver.start(self.trainer.publish_weights())
+            await driver.start(await self.trainer.publish(self.start_step))
             for step in range(self.start_step, cfg.steps):
                 waited_from = time.monotonic()
                 batch = await driver.next_batch(step)
@@ -120,20 +152,20 @@ class InlineRun:
                 live = self.scheduler.active_versions()
                 max_live = max(max_live, len(live))
                 step_start = self.timeline.now()
-                train = await asyncio.to_thread(self.trainer.train_step, batch)
+                train = await self.trainer.train_step(batch)
                 self.timeline.span("trainer", f"step {step}", step_start, self.timeline.now(), version=step)
                 with self.timeline.measure("sync", f"publish v{step + 1}", version=step + 1):
-                    driver.publish(step + 1, self.trainer.publish_weights())
-                trained_tokens += train.trained_tokens
+                    driver.publish(step + 1, await self.trainer.publish(step + 1))
+                trained_tokens += train["trained_tokens"]
                 staleness.update(step - t.version for t in batch.trajectories)
-                metrics = self._step_metrics(step, batch, train.to_dict(), live, wait_s, trained_tokens, start)
+                metrics = self._step_metrics(step, batch, train, live, wait_s, trained_tokens, start)
                 last = step + 1 == cfg.steps
                 if last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
                     final_eval = await self._evaluate(step + 1)
                     metrics["eval_accuracy"] = final_eval.accuracy
                     metrics["eval_reward"] = final_eval.mean_reward
                 if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                    self._save(step + 1)
+                    await self._save(step + 1)
                 self.logger.log(metrics, step)
                 self.progress.update(step, metrics)
         finally:
@@ -163,6 +195,7 @@ class InlineRun:
             "rollout_tokens_per_s": sum(e.stats().tokens_per_s for e in self.engines),
             "in_flight_groups": self.scheduler.num_in_flight,
             "response_len_mean": batch.num_tokens / len(batch.trajectories),
+            "prompt_ids": [group[0].prompt_id for group in batch.groups],
             **{f"train/{k}": v for k, v in train.items() if k not in ("step", "reward_mean", "trained_tokens")},
         }
 
@@ -180,38 +213,40 @@ class InlineRun:
         engine = self.eval_engine
         for old in engine.live_versions:
             engine.drop_version(old)
-        engine.add_version(version, self.trainer.publish_weights())
+        engine.add_version(version, await self.trainer.weights())
         with self.timeline.measure("eval", f"eval v{version}", version=version):
             return await asyncio.to_thread(evaluate, engine, version, self.eval_groups, self.tokenizer,
                                            self.cfg.reward.name, self.cfg.eval.max_new_tokens, self.cfg.reward.options)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def _save(self, step: int) -> Path:
+    async def _save(self, step: int) -> Path:
         folder = ckpt.checkpoint_dir(self.run_dir, step)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, folder / "model", tokenizer=self.tokenizer)
-        ckpt.save_state(folder, "trainer", self.trainer.state_dict())
+        await self.trainer.save(folder)
         sched_state, tensors = self.scheduler.state_dict()
         ckpt.save_state(folder, "scheduler", sched_state, tensors)
+        # meta.json last: its presence marks a complete checkpoint.
         (folder / "meta.json").write_text(json.dumps({"step": step, "version": step,
                                                       "config": config_to_dict(self.cfg)}, indent=2))
         ckpt.prune(self.run_dir, self.cfg.checkpoint.keep)
         return folder
 
-    def _restore(self, folder: Path) -> None:
+    async def _restore(self, folder: Path) -> None:
         meta = json.loads((folder / "meta.json").read_text())
-        trainer_state, _ = ckpt.load_state(folder, "trainer")
-        self.trainer.load_state_dict(trainer_state)
+        await self.trainer.restore(folder)
         sched_state, tensors = ckpt.load_state(folder, "scheduler")
         self.scheduler.load_state_dict(sched_state, tensors)
         self.start_step = int(meta["step"])
-        log.info("resumed from %s at step %d", folder, self.start_step)
+        self.progress.print(f"dora: resumed from {folder} at step {self.start_step}")
 
     def _close(self) -> None:
         for engine in self.engines:
             engine.close()
+        self.trainer.close()
         self.rewards.close()
+        for hook in self.stages.close_hooks:
+            hook()
         self.logger.close()
         self.progress.close()
         if self.cfg.logging.timeline:
@@ -236,7 +271,3 @@ def _summary_dict(s: TrainSummary) -> dict[str, Any]:
             "staleness": {str(k): v for k, v in s.staleness.items()}, "train_wall_s": s.train_wall_s,
             "setup_s": s.setup_s, "trained_tokens": s.trained_tokens, "rollout_tokens": s.rollout_tokens,
             **s.extra}
-
-
-def train_inline(cfg: RunConfig, run_dir: Path) -> TrainSummary:
-    return asyncio.run(InlineRun(cfg, run_dir).run())

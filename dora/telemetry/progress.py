@@ -57,10 +57,10 @@ class ProgressDisplay:
             done = step + 1
             elapsed = time.monotonic() - self._start
             eta = elapsed / done * (self.total_steps - done)
-            self.console.print(f"step {done}/{self.total_steps} {status} eta={eta:.0f}s", highlight=False)
+            self.console.print(f"step {done}/{self.total_steps} {status} eta={eta:.0f}s", highlight=False, soft_wrap=True)
 
     def print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:
