@@ -77,8 +77,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, cache: SlotCache, max_num_batched_tokens: int, device: torch.device) -> None:
+    def __init__(self, cache: SlotCache, max_num_batched_tokens: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
         self.cache = cache
+        self.dtype = dtype
         self.slots = SlotAllocator(cache.num_slots)
         self.budget = max_num_batched_tokens
         self.device = device
@@ -188,7 +190,10 @@ class Scheduler:
         num_keys = max(pos_S) + 1
         dev = self.device
         pos_S1 = torch.tensor(pos_S, dtype=torch.long, device=dev)[:, None]
-        mask = (torch.arange(num_keys, device=dev)[None, :] <= pos_S1)[:, None, None, :]
+        hidden_SL = torch.arange(num_keys, device=dev)[None, :] > pos_S1
+        # Additive rather than boolean: SDPA's CPU kernel takes it as is (a bool mask is converted).
+        mask = torch.zeros(hidden_SL.shape, dtype=self.dtype, device=dev).masked_fill_(hidden_SL, float("-inf"))
+        mask = mask[:, None, None, :]
         return DecodeLayout(rows_B=torch.tensor(rows, dtype=torch.long, device=dev),
                             slots_B=torch.tensor(slots, dtype=torch.long, device=dev),
                             num_slots=num_slots, mask_S11Lk=mask, identity=identity)

@@ -33,6 +33,7 @@ from hydra.core.config_store import ConfigStore
 
 from dora.engines import ENGINES
 from dora.engines.base import EngineStats, GroupHandle
+from dora.engines.experts import MOE_IMPLS
 from dora.engines.kv_cache import SlotCache
 from dora.engines.sampler import sample
 from dora.engines.scheduler import GroupState, Scheduler
@@ -62,8 +63,13 @@ class TorchEngineConfig:
     seed: int = 0
     """Draws the base seed of groups submitted without `SamplingParams.seed`."""
     engine_id: int = 0
+    moe_impl: str = "auto"
+    """MoE experts (see dora/engines/experts.py): "auto", "grouped", "loop" or "ops" (the trainer's
+    `dora.models.ops.moe_experts`, the reference)."""
 
     def __post_init__(self) -> None:
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"engine.moe_impl must be one of {list(MOE_IMPLS)}, got {self.moe_impl!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"engine.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         try:
@@ -142,8 +148,8 @@ class TorchEngine:
             num_layers=cfg.num_hidden_layers, num_slots=config.max_num_seqs, max_len=config.max_model_len,
             num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, num_moe_layers=cfg.num_moe_layers,
             top_k=cfg.num_experts_per_tok, routing_dtype=cfg.routing_dtype, dtype=self.dtype, device=self.device)
-        self._forward = PackedForward(cfg, self.cache, self.dtype, self.device)
-        self._scheduler = Scheduler(self.cache, config.max_num_batched_tokens, self.device)
+        self._forward = PackedForward(cfg, self.cache, self.dtype, self.device, config.moe_impl)
+        self._scheduler = Scheduler(self.cache, config.max_num_batched_tokens, self.device, self.dtype)
         self._seed_rng = random.Random(config.seed)
 
         # `_lock` guards what other threads touch: the inbox, the live set, the per-version counts.

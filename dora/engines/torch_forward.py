@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dora.engines import experts
 from dora.engines.kv_cache import SlotCache
 from dora.engines.versions import LiveVersions, VersionWeights
 from dora.models import ops
@@ -47,7 +48,8 @@ class DecodeLayout:
     num_slots: int
     """Slots [0, num_slots) form the attention view."""
     mask_S11Lk: torch.Tensor
-    """bool: key position <= the slot's query position (slots without a decode row see key 0 only)."""
+    """Additive (0 / -inf, activation dtype): key position <= the slot's query position; slots
+    without a decode row see key 0 only (no all-masked row, no NaN)."""
     identity: bool
     """Decode rows are rows [0, B) holding slots 0..B-1 in order: no scatter/gather needed."""
 
@@ -88,14 +90,15 @@ class StepInputs:
 class PackedForward:
     """The engine's model function over the preallocated cache; holds no weights of its own."""
 
-    def __init__(self, cfg: ModelConfig, cache: SlotCache, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, cache: SlotCache, dtype: torch.dtype, device: torch.device,
+                 moe_impl: str = "auto") -> None:
         self.cfg = cfg
+        self.moe_impl = moe_impl
         self.cache = cache
         positions = torch.arange(cache.max_len, device=device)
         # Indexing a table computed by ops.rope_cos_sin gives bit-identical values to calling it per step.
         self.cos_MDh, self.sin_MDh = ops.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype, device)
         self.q_width = cfg.num_attention_heads * cfg.head_dim
-        self.kv_width = cfg.num_key_value_heads * cfg.head_dim
 
     @torch.inference_mode()
     def forward(self, live: LiveVersions, step: StepInputs) -> torch.Tensor:
@@ -127,16 +130,16 @@ class PackedForward:
     def _attention(self, i: int, rows: _Rows, step: StepInputs, h_ND: torch.Tensor,
                    cos_NDh: torch.Tensor, sin_NDh: torch.Tensor) -> torch.Tensor:
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        qkv_NX = rows.apply(h_ND, lambda w, x: F.linear(x, w.layers[i].qkv_weight, w.layers[i].qkv_bias))
-        q_NHD = qkv_NX[:, :self.q_width].unflatten(-1, (-1, cfg.head_dim))
-        k_NGD = qkv_NX[:, self.q_width:self.q_width + self.kv_width].unflatten(-1, (-1, cfg.head_dim))
-        v_NGD = qkv_NX[:, self.q_width + self.kv_width:].unflatten(-1, (-1, cfg.head_dim))
+        H, G = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv_NHD = rows.apply(h_ND, lambda w, x: F.linear(x, w.layers[i].qkv_weight, w.layers[i].qkv_bias)
+                             ).unflatten(-1, (-1, cfg.head_dim))
+        # Queries and keys go through norm and RoPE together: the same per-head math, half the ops.
+        qk_NHD = qkv_NHD[:, :H + G]
         if cfg.qk_norm:
-            q_NHD = rows.apply(q_NHD, lambda w, x: ops.rms_norm(x, w.layers[i].q_norm_Dh, eps))
-            k_NGD = rows.apply(k_NGD, lambda w, x: ops.rms_norm(x, w.layers[i].k_norm_Dh, eps))
-        q_NHD = ops.apply_rope(q_NHD, cos_NDh, sin_NDh)
-        k_NGD = ops.apply_rope(k_NGD, cos_NDh, sin_NDh)
-        self.cache.write_kv(i, step.flat_N, k_NGD, v_NGD.contiguous())
+            qk_NHD = rows.apply(qk_NHD, lambda w, x: ops.rms_norm(x, w.layers[i].qk_norm_HDh, eps))
+        qk_NHD = ops.apply_rope(qk_NHD, cos_NDh, sin_NDh)
+        q_NHD, k_NGD, v_NGD = qk_NHD[:, :H], qk_NHD[:, H:], qkv_NHD[:, H + G:]
+        self.cache.write_kv(i, step.flat_N, k_NGD, v_NGD)
 
         num_rows = h_ND.shape[0]
         dec, pre = step.decode, step.prefill
@@ -198,9 +201,9 @@ class PackedForward:
         weights_NK, ids_NK = ops.route(router_logits_NE, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         # Several versions: version j's experts are rows [j * E, (j + 1) * E) of the stacked tensors.
         stacked_ids_NK = ids_NK if step.vidx_N is None else ids_NK + (step.vidx_N * cfg.num_experts)[:, None]
-        gate_up, down = live.gate_up_LEFD[i], live.down_LEDI[i]
+        gate_up, down = live.gate_up_LEDF[i], live.down_LEID[i]
         assert gate_up is not None and down is not None
-        return ops.moe_experts(h_ND, stacked_ids_NK, weights_NK, gate_up, down), ids_NK
+        return experts.moe_experts(h_ND, stacked_ids_NK, weights_NK, gate_up, down, self.moe_impl), ids_NK
 
 
 class _Rows:

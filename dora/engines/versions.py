@@ -32,13 +32,16 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None
     o_weight: torch.Tensor
     o_bias: torch.Tensor | None
-    q_norm_Dh: torch.Tensor | None
-    k_norm_Dh: torch.Tensor | None
+    qk_norm_HDh: torch.Tensor | None
+    """[H + G, Dh]: the q_norm weight for each query head, then the k_norm weight for each kv head,
+    so queries and keys are normalised in one call (the same per-head RMSNorm)."""
     post_norm_D: torch.Tensor
     router_ED: torch.Tensor | None
     """MoE layers: router [E, D]; the experts live stacked across versions in `LiveVersions`."""
-    gate_up_EFD: torch.Tensor | None
-    down_EDI: torch.Tensor | None
+    gate_up_EDF: torch.Tensor | None
+    """Experts' gate/up [E, D, 2I], stored transposed (contiguous) so the expert matmuls read them
+    without a transpose; `.transpose(1, 2)` gives the state_dict layout [E, 2I, D] back as a view."""
+    down_EID: torch.Tensor | None
     mlp_gate_up_weight: torch.Tensor | None
     """Dense layers: [2F, D] gate and up fused."""
     mlp_down_weight: torch.Tensor | None
@@ -135,11 +138,13 @@ def prepare_version(cfg: ModelConfig, version: int, weights: Mapping[str, torch.
             input_norm_D=get(p + "input_layernorm.weight"),
             qkv_weight=qkv_weight, qkv_bias=qkv_bias,
             o_weight=get(a + "o_proj.weight"), o_bias=opt(a + "o_proj.bias"),
-            q_norm_Dh=opt(a + "q_norm.weight"), k_norm_Dh=opt(a + "k_norm.weight"),
+            qk_norm_HDh=torch.cat([get(a + "q_norm.weight").expand(cfg.num_attention_heads, -1),
+                                   get(a + "k_norm.weight").expand(cfg.num_key_value_heads, -1)])
+            if cfg.qk_norm else None,
             post_norm_D=get(p + "post_attention_layernorm.weight"),
             router_ED=get(p + "mlp.gate.weight") if moe else None,
-            gate_up_EFD=get(p + "mlp.experts.gate_up_proj") if moe else None,
-            down_EDI=get(p + "mlp.experts.down_proj") if moe else None,
+            gate_up_EDF=get(p + "mlp.experts.gate_up_proj").transpose(1, 2).contiguous() if moe else None,
+            down_EID=get(p + "mlp.experts.down_proj").transpose(1, 2).contiguous() if moe else None,
             mlp_gate_up_weight=None if moe else torch.cat([get(p + "mlp.gate_proj.weight"),
                                                            get(p + "mlp.up_proj.weight")]),
             mlp_down_weight=None if moe else get(p + "mlp.down_proj.weight"),
@@ -156,10 +161,10 @@ class LiveVersions:
 
     versions: tuple[int, ...]
     weights: tuple[VersionWeights, ...]
-    gate_up_LEFD: tuple[torch.Tensor | None, ...]
-    """Per layer: every live version's experts stacked, [Vn * E, 2I, D]; version index j owns rows
-    [j * E, (j + 1) * E). None for dense layers."""
-    down_LEDI: tuple[torch.Tensor | None, ...]
+    gate_up_LEDF: tuple[torch.Tensor | None, ...]
+    """Per layer: every live version's experts stacked, [Vn * E, D, 2I]; version index j owns
+    experts [j * E, (j + 1) * E). None for dense layers."""
+    down_LEID: tuple[torch.Tensor | None, ...]
 
     @staticmethod
     def build(weights: list[VersionWeights]) -> LiveVersions:
@@ -168,17 +173,17 @@ class LiveVersions:
         num_layers = len(weights[0].layers) if weights else 0
         gate_up, down = [], []
         for i in range(num_layers):
-            if weights[0].layers[i].gate_up_EFD is None:
+            if weights[0].layers[i].gate_up_EDF is None:
                 gate_up.append(None)
                 down.append(None)
             elif len(weights) == 1:
-                gate_up.append(weights[0].layers[i].gate_up_EFD)
-                down.append(weights[0].layers[i].down_EDI)
+                gate_up.append(weights[0].layers[i].gate_up_EDF)
+                down.append(weights[0].layers[i].down_EID)
             else:
-                gate_up.append(torch.cat([w.layers[i].gate_up_EFD for w in weights]))
-                down.append(torch.cat([w.layers[i].down_EDI for w in weights]))
+                gate_up.append(torch.cat([w.layers[i].gate_up_EDF for w in weights]))
+                down.append(torch.cat([w.layers[i].down_EID for w in weights]))
         return LiveVersions(versions=tuple(w.version for w in weights), weights=tuple(weights),
-                            gate_up_LEFD=tuple(gate_up), down_LEDI=tuple(down))
+                            gate_up_LEDF=tuple(gate_up), down_LEID=tuple(down))
 
     def index(self, version: int) -> int:
         return self.versions.index(version)
