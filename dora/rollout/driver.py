@@ -36,7 +36,9 @@ RewardHook = Callable[[Trajectory], Awaitable[None]]
 class RolloutDriver:
     def __init__(self, scheduler: Scheduler, engines: Sequence[Engine], sampling: SamplingParams, *,
                  reward: RewardHook | None = None, tick_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, load_in_thread: bool = True) -> None:
+        """`load_in_thread=False` calls `add_version` on the event loop (for engines whose loading is
+        trivial, and for tests that need a deterministic event order)."""
         if len(engines) != len(scheduler.pool.engines):
             raise ValueError(f"the scheduler was built for {len(scheduler.pool.engines)} engines, got {len(engines)}")
         for i, engine in enumerate(engines):
@@ -54,6 +56,7 @@ class RolloutDriver:
         self.reward = reward
         self.tick_s = tick_s
         self.clock = clock
+        self.load_in_thread = load_in_thread
         self.timeout_s = scheduler.config.wait_timeout_s
         self._weights: dict[int, Mapping[str, torch.Tensor]] = {}
         self._offsets: dict[tuple[int, int], tuple[int, int]] = {}
@@ -138,9 +141,14 @@ class RolloutDriver:
     async def _load(self, engine_id: int, version: int) -> None:
         engine = self.engines[engine_id]
         started = self.clock()
+        weights = self._weights[version]
+        if not self.load_in_thread:
+            await asyncio.sleep(0)  # after the actions being applied now, as a threaded load would be
+            engine.add_version(version, weights)
+            self._feed(EngineLoaded(self.clock(), engine_id, version))
+            return
         try:
-            await asyncio.wait_for(asyncio.to_thread(engine.add_version, version, self._weights[version]),
-                                   self.timeout_s)
+            await asyncio.wait_for(asyncio.to_thread(engine.add_version, version, weights), self.timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(f"rollout: engine {engine_id} loading version {version} for"
                                f" {self.clock() - started:.0f} s (rollout.wait_timeout_s)") from None

@@ -1,5 +1,6 @@
 """RolloutDriver with a tiny deterministic asyncio engine implementing the Engine protocol: a whole
-run (start, next_batch, publish) with a reward hook, split groups, and the named timeout."""
+run (start, next_batch, publish) with a reward hook, split groups, and the named timeout. Loads run
+on the event loop (`load_in_thread=False`) so the event order, and thus every schedule, is fixed."""
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
@@ -78,7 +79,7 @@ async def train(config: RolloutConfig, num_prompts: int, engines: list[FakeEngin
         await asyncio.sleep(0)
         traj.reward = float(traj.prompt_id)
 
-    driver = RolloutDriver(scheduler, engines, SamplingParams(seed=100), reward=reward)
+    driver = RolloutDriver(scheduler, engines, SamplingParams(seed=100), reward=reward, load_in_thread=False)
     await driver.start({"w": torch.tensor(0.0)})
     batches = []
     try:
