@@ -7,19 +7,21 @@ decode stall of an engine that keeps decoding while a version arrives.
 Payload: the state dict of a ~137M-parameter Qwen3-MoE-style model (fp32, 8 layers, 8 experts,
 vocab 32k: ~520 MiB in 75 tensors of realistic shapes), built by `dora.models`.
 
-Per channel, a writer process (the trainer) publishes version after version; this process (the
-engine side) runs a `SyncReceiver` whose callback loads each version into the engine
-(`add_version`, then `drop_version`: decoding stays on version 0 throughout). One repetition:
-- `bytes_per_s` = payload bytes / (publish start -> `receive` returned a complete, staged version).
-  For shm that is two copies (trainer -> segment, segment -> staging); `shm_view` hands the engine
-  views of the segment, one copy. Clocks are CLOCK_MONOTONIC, common to all processes.
-- decode gap (`max_decode_gap_ms`): the longest interval between two consecutive decode-step
-  completions from publish start until the version is staged on the engine side (plus the step that
-  straddles that moment), next to the median interval in the quiet second before
-  (`decode_step_ms`). The engine's own `add_version` (it copies the weights into its layout) runs
-  after that; its duration and the decode gap during it are printed as extra columns, not part of
-  the sync figures.
-Reported: median of `--reps` repetitions after one warm-up.
+Per channel, a writer process (the trainer; the in-process channel publishes from this process)
+publishes version after version; this process (the engine side) runs a `SyncReceiver` whose
+callback loads each version into the engine (`add_version`, then `drop_version`: decoding stays on
+version 0 throughout). One repetition is two syncs:
+1. with the engine idle: `bytes_per_s` = payload bytes / (publish start -> `receive` returned a
+   complete, staged version), next to a memcpy of the same bytes taken just before (the machine is
+   shared, so its bandwidth drifts; `memcpy_bytes_per_s` is the median of these samples). For shm
+   that is two copies (trainer -> segment, segment -> staging); `shm_view` hands the engine views
+   of the segment: one copy. Clocks are CLOCK_MONOTONIC, common to all processes.
+2. with the engine decoding: `decode_step_ms` is the median interval between decode-step
+   completions in the second before the sync; `max_decode_gap_ms` the longest interval from
+   publish start until the version is staged (plus the step straddling that moment). The table
+   also shows this sync's bandwidth, and the engine's own `add_version` (it copies the weights
+   into its layout) with the decode gap during it: engine cost, not part of the sync figures.
+Reported: medians of `--reps` repetitions after one warm-up repetition.
 
 Threads: the machine this was written on has 2 cores. torch runs 1 intra-op thread in every
 process: 1 for the decode loop, 1 for the receiver copy, 1 for the trainer (which is idle here
@@ -161,12 +163,16 @@ class DecodeLoop:
     workload: EngineWorkload | MatmulWorkload
     ends: list[float] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    running: threading.Event = field(default_factory=threading.Event)
+    """Cleared while bandwidth is measured alone (the loop idles between steps)."""
     error: list[BaseException] = field(default_factory=list)
 
     def run(self) -> None:
         try:
             with torch.inference_mode():
                 while not self.stop.is_set():
+                    if not self.running.wait(0.05):
+                        continue
                     self.workload.step()
                     self.ends.append(time.monotonic())
         except BaseException as e:  # reported by the main thread
@@ -213,10 +219,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, marker: str) -> dict:
+@dataclass(slots=True)
+class Sync:
+    """Timestamps (CLOCK_MONOTONIC) of one published version."""
+
+    t0: float  # publish started (trainer)
+    published: float  # publish returned (trainer)
+    received: float  # receive returned a complete, staged version (engine side)
+    loaded: float  # engine.add_version returned
+
+    @property
+    def seconds(self) -> float:
+        return self.received - self.t0
+
+
+def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, marker: str,
+                  memcpy_samples: list[float]) -> tuple[dict, dict]:
     run = f"bench-{uuid.uuid4().hex[:8]}"
     config, _ = _channel_config(name, run)
-    delivered: list[tuple[int, float, float]] = []
+    delivered: dict[int, tuple[float, float]] = {}
     arrived = threading.Condition()
     extra: dict = {}
     if name == "torch_dist":
@@ -232,14 +253,12 @@ def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, mark
     proc = None
     if name == "inprocess":
         channel = build_channel(config, "both")
-        writer = channel
     else:
         proc = ctx.Process(target=writer_main, args=(name, run, args.quick, extra, commands, results), daemon=True)
         proc.start()
         kwargs = {"rank": 1, "world_size": 2, "src": 0, "init_method": extra["init"]} if name == "torch_dist" else {}
         channel = build_channel(config, "reader", **kwargs)
         assert results.get(timeout=300)[0] == "ready"
-        writer = None
 
     def on_version(pv: PolicyVersion) -> None:
         t_received = time.monotonic()
@@ -248,35 +267,49 @@ def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, mark
             raise AssertionError(f"{name}: version {pv.version} carries the marker of version {got}")
         workload.load(pv)
         with arrived:
-            delivered.append((pv.version, t_received, time.monotonic()))
+            delivered[pv.version] = (t_received, time.monotonic())
             arrived.notify_all()
 
+    def sync(version: int) -> Sync:
+        if proc is None:
+            t0 = time.monotonic()
+            channel.publish(version, weights_inprocess(marker, version))
+            published = time.monotonic()
+        else:
+            commands.put(version)
+            kind, _, t0, published = results.get(timeout=600)
+            assert kind == "published"
+        with arrived:
+            if not arrived.wait_for(lambda: version in delivered, timeout=600):
+                raise TimeoutError(f"{name}: version {version} not delivered within 600 s")
+        receiver.raise_if_failed()
+        return Sync(t0, published, *delivered[version])
+
     receiver = SyncReceiver(channel, on_version, poll_s=0.1, release_after_delivery=True).start()
-    rates, steps, gaps, loads, load_gaps = [], [], [], [], []
+    alone, decoding, steps, gaps, load_gaps = [], [], [], [], []
+    scratch_src = torch.ones(nbytes, dtype=torch.uint8)
+    scratch_dst = torch.zeros(nbytes, dtype=torch.uint8)
     try:
-        for version in range(1, args.reps + 2):
-            time.sleep(1.0)  # a quiet second of decoding: the normal step time
-            if writer is not None:
-                t0 = time.monotonic()
-                writer.publish(version, weights_inprocess(marker, version))
-            else:
-                commands.put(version)
-                kind, _, t0, _ = results.get(timeout=600)
-                assert kind == "published"
-            with arrived:
-                if not arrived.wait_for(lambda: any(v == version for v, _, _ in delivered), timeout=600):
-                    raise TimeoutError(f"{name}: version {version} not delivered within 600 s")
-            receiver.raise_if_failed()
-            _, t_received, t_loaded = next(d for d in delivered if d[0] == version)
+        for rep in range(args.reps + 1):  # repetition 0 warms up pages, buffers and connections
+            # Bandwidth alone: the decode loop idles, memcpy measured right before (same conditions).
+            loop.running.clear()
+            time.sleep(0.2)
+            memcpy = median_rate(nbytes, lambda: scratch_dst.copy_(scratch_src), 1)
+            quiet_sync = sync(2 * rep + 1)
+            # The same with the engine decoding: its normal step time, then its steps during a sync.
+            loop.running.set()
+            time.sleep(1.2)
+            s = sync(2 * rep + 2)
             time.sleep(0.3)  # let the step that straddles the end of the load complete
-            quiet = loop.intervals(t0 - 1.0, t0)[:-1] or [float("nan")]
-            if version > 1:  # the first repetition warms up pages, buffers and connections
-                rates.append(nbytes / (t_received - t0))
-                steps.append(statistics.median(quiet))
-                gaps.append(max(loop.intervals(t0, t_received)))
-                loads.append(t_loaded - t_received)
-                load_gaps.append(max(loop.intervals(t_received, t_loaded)))
+            if rep:
+                memcpy_samples.append(memcpy)
+                alone.append(quiet_sync)
+                decoding.append(s)
+                steps.append(statistics.median(loop.intervals(s.t0 - 1.0, s.t0)[:-1] or [float("nan")]))
+                gaps.append(max(loop.intervals(s.t0, s.received)))
+                load_gaps.append(max(loop.intervals(s.received, s.loaded)))
     finally:
+        loop.running.set()
         receiver.stop()
         if proc is not None:
             commands.put(None)
@@ -286,10 +319,14 @@ def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, mark
             import ray
 
             ray.shutdown()
-    result = {"bytes_per_s": statistics.median(rates), "decode_step_ms": 1e3 * statistics.median(steps),
+    result = {"bytes_per_s": nbytes / statistics.median(a.seconds for a in alone),
+              "decode_step_ms": 1e3 * statistics.median(steps),
               "max_decode_gap_ms": 1e3 * statistics.median(gaps)}
-    engine_load = {"load_ms": 1e3 * statistics.median(loads), "load_gap_ms": 1e3 * statistics.median(load_gaps)}
-    return result, engine_load
+    extra = {"publish_ms": 1e3 * statistics.median(a.published - a.t0 for a in alone),
+             "decoding_bytes_per_s": nbytes / statistics.median(d.seconds for d in decoding),
+             "load_ms": 1e3 * statistics.median(d.loaded - d.received for d in decoding),
+             "load_gap_ms": 1e3 * statistics.median(load_gaps)}
+    return result, extra
 
 
 _INPROCESS_WEIGHTS: dict[str, torch.Tensor] = {}
@@ -322,6 +359,7 @@ def main() -> None:
     marker = next(iter(weights))
     nbytes = WeightLayout.of(weights).nbytes
     memcpy_1, memcpy_2 = memcpy_rates(nbytes, args.reps)
+    memcpy_samples = [memcpy_1]  # plus one before every measured repetition (the load drifts)
 
     workload = None
     if args.decode in ("auto", "engine"):
@@ -339,41 +377,44 @@ def main() -> None:
     try:
         for name in names:
             print(f"[bench_sync] {name} ...", flush=True)
-            results[name], loads[name] = bench_channel(name, args, loop, workload, nbytes, marker)
+            results[name], loads[name] = bench_channel(name, args, loop, workload, nbytes, marker, memcpy_samples)
             if loop.error:
                 raise loop.error[0]
     finally:
         loop.stop.set()
         thread.join()
-    report(results, loads, memcpy_1, memcpy_2, nbytes, workload.label, args)
+    memcpy = statistics.median(memcpy_samples)
+    report(results, loads, memcpy, memcpy_2, nbytes, workload.label, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"memcpy_bytes_per_s": memcpy_1, "channels": results}, f, indent=2)
+            json.dump({"memcpy_bytes_per_s": memcpy, "channels": results}, f, indent=2)
         print(f"[bench_sync] wrote {args.json}")
 
 
-def report(results: dict, loads: dict, memcpy_1: float, memcpy_2: float, nbytes: int, label: str, args) -> None:
+def report(results: dict, extra: dict, memcpy: float, memcpy_2: float, nbytes: int, label: str, args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"weight sync: {nbytes / MiB:.0f} MiB payload, median of {args.reps} "
-                        f"(memcpy {memcpy_1 / 1e9:.2f} GB/s at 1 thread, {memcpy_2 / 1e9:.2f} GB/s at 2)")
-    for col in ("channel", "GB/s", "x memcpy", "target", "decode step ms", "max gap ms", "gap / step",
-                "add_version ms", "gap in add_version ms"):
+    table = Table(title=f"weight sync: {nbytes / MiB:.0f} MiB payload, median of {args.reps}; memcpy "
+                        f"{memcpy / 1e9:.2f} GB/s (1 thread; {memcpy_2 / 1e9:.2f} GB/s with 2 at start)")
+    for col in ("channel", "GB/s", "x memcpy", "target", "publish ms", "GB/s decoding", "decode step ms",
+                "max gap ms", "gap / step", "add_version ms", "gap in add_version ms"):
         table.add_column(col, justify="left" if col == "channel" else "right")
     targets = {"shm": 0.4, "shm_view": 0.8}
     for name, r in results.items():
-        ratio = r["bytes_per_s"] / memcpy_1
+        e = extra[name]
+        ratio = r["bytes_per_s"] / memcpy
         target = targets.get(name)
         target_txt = "" if target is None else f"{'ok' if ratio >= target else 'MISS'} >= {target}"
         gap_steps = r["max_decode_gap_ms"] / r["decode_step_ms"]
-        table.add_row(name, f"{r['bytes_per_s'] / 1e9:.2f}", f"{ratio:.2f}", target_txt,
-                      f"{r['decode_step_ms']:.1f}", f"{r['max_decode_gap_ms']:.1f}",
-                      f"{gap_steps:.2f} ({'ok' if gap_steps <= 2 else 'MISS'} <= 2)",
-                      f"{loads[name]['load_ms']:.0f}", f"{loads[name]['load_gap_ms']:.1f}")
-    console = Console(width=160)
+        table.add_row(name, f"{r['bytes_per_s'] / 1e9:.2f}", f"{ratio:.2f}", target_txt, f"{e['publish_ms']:.0f}",
+                      f"{e['decoding_bytes_per_s'] / 1e9:.2f}", f"{r['decode_step_ms']:.1f}",
+                      f"{r['max_decode_gap_ms']:.1f}", f"{gap_steps:.2f} ({'ok' if gap_steps <= 2 else 'MISS'} <= 2)",
+                      f"{e['load_ms']:.0f}", f"{e['load_gap_ms']:.1f}")
+    console = Console(width=170)
     console.print(table)
-    console.print(f"decode workload: {label}; torch threads: 1 per process (decode, receiver, trainer)")
+    console.print(f"decode workload: {label}; torch threads: 1 per process (decode, receiver, trainer). "
+                  "GB/s: publish start -> version staged, engine idle; GB/s decoding: the same while it decodes.")
 
 
 if __name__ == "__main__":

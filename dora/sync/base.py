@@ -67,7 +67,7 @@ class SyncConfig:
     """Run-unique name: prefix of shm segments, name of the Ray board actor. Two runs on one machine
     must use different names."""
     poll_s: float = 0.001
-    """shm, torch_dist: first polling interval while waiting for a new version (doubles up to 5 ms)."""
+    """shm, torch_dist: first polling interval while waiting for a new version (doubles up to a few ms)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.channel, str) or not self.channel:

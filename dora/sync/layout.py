@@ -24,8 +24,9 @@ ALIGN = 64
 """Byte alignment of every tensor in the flat buffer (a cache line; >= any dtype's size)."""
 
 COPY_CHUNK_BYTES = 16 << 20
-"""Large copies are split into chunks of this size, so another thread waiting for the GIL (an
-engine's decode loop) gets it between chunks; torch's copy_ itself releases the GIL."""
+"""Large copies are issued in chunks of this size: a receive is then a series of short GIL-free
+torch calls (copy_ releases the GIL), and the Python work of a decode loop in another thread
+interleaves with it at that granularity."""
 
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d

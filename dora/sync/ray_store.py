@@ -122,7 +122,11 @@ class RayChannel(WeightChannel):
         ray = self._ray
         remaining = max(0.0, deadline - time.monotonic())
         # The actor bounds its own wait; the extra seconds only cover the round trip.
-        entry = ray.get(self._board.wait_newer.remote(after, remaining), timeout=remaining + self.config.timeout_s)
+        try:
+            entry = ray.get(self._board.wait_newer.remote(after, remaining), timeout=remaining + self.config.timeout_s)
+        except ray.exceptions.RayActorError:
+            self._board = None  # the writer closed or died; a restarted writer creates a new board
+            return None
         if entry is None:
             return None
         version = entry["version"]

@@ -2,10 +2,11 @@
 hands each one to `on_version` (normally `engine.add_version`), so the engine keeps decoding
 while weights arrive.
 
-Why a thread and not asyncio: receiving is blocking copy work (torch copy_ and zlib release the
-GIL, so it overlaps with the decode loop's own GIL-free kernels); DESIGN.md keeps torch work off
-event-loop threads. Large copies are chunked (see `layout.COPY_CHUNK_BYTES`) so a decode step
-waiting for the GIL is never held behind one long copy.
+Why a thread and not asyncio: receiving is blocking copy work, and DESIGN.md keeps torch work off
+event-loop threads. torch's copy_ and zlib's crc32 release the GIL, so the decode loop keeps
+running during a receive; between copies (chunks of `layout.COPY_CHUNK_BYTES`) the receive path
+holds the GIL only for microseconds at a time. What a receive does take from the decode loop on a
+small machine is a core and memory bandwidth (see tools/bench_sync.py).
 
 Errors (a checksum mismatch, a timed-out collective, an exception in `on_version`) stop the
 thread and are kept in `error`; `raise_if_failed()` re-raises them in the caller's thread.

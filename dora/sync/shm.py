@@ -372,6 +372,7 @@ class ShmChannel(WeightChannel):
 
     def _receive(self, after: int, timeout: float) -> PolicyVersion | None:
         deadline = time.monotonic() + timeout
+        next_liveness_check = 0.0
         poll = self.config.poll_s
         while not self._closed:
             if self._seg is None:
@@ -382,12 +383,16 @@ class ShmChannel(WeightChannel):
                 if pv is not None:
                     return pv
                 continue  # torn by a lapping writer: read the newer version
-            if seg is not None and (int(seg.hdr[W_CLOSED]) or not _pid_alive(int(seg.hdr[W_OWNER]))):
-                self._detach()  # the writer is gone; a restarted writer has a new segment
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if seg is not None and now >= next_liveness_check:
+                next_liveness_check = now + 0.2  # /proc reads are cheap, not free: not every poll
+                if int(seg.hdr[W_CLOSED]) or not _pid_alive(int(seg.hdr[W_OWNER])):
+                    self._detach()  # the writer is gone; a restarted writer has a new segment
+            if now >= deadline:
                 return None
-            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-            poll = min(poll * 2, 0.005)
+            # Short sleeps: a new version is noticed within ~2 ms (one int64 read per poll).
+            time.sleep(min(poll, max(0.0, deadline - now)))
+            poll = min(poll * 2, 0.002)
         return None
 
     def _read_current(self, seg: _Segment) -> PolicyVersion | None:

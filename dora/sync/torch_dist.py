@@ -80,7 +80,7 @@ class TorchDistChannel(WeightChannel):
     def _collective(self, what: str) -> Iterator[None]:
         try:
             yield
-        except dist.DistError as e:
+        except RuntimeError as e:  # dist.DistError, or gloo's plain RuntimeError
             if "timeout" in str(e).lower() or "timed out" in str(e).lower():
                 raise SyncTimeout(self.name, f"{what} (rank {self.rank}, src {self.src})",
                                   self.config.timeout_s) from e

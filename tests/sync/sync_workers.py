@@ -66,6 +66,8 @@ def shm_writer_then_sleep(config, queue) -> None:
 
 def torch_dist_worker(rank: int, port: int) -> None:
     """Rank 0 publishes two versions in many small buckets (with checksums); rank 1 checks them."""
+    from datetime import timedelta
+
     import pytest
     import torch.distributed as dist
 
@@ -73,7 +75,7 @@ def torch_dist_worker(rank: int, port: int) -> None:
     from dora.sync.layout import as_bytes
 
     torch.set_num_threads(1)
-    config = SyncConfig(channel="torch_dist", bucket_mb=1 / 1024, timeout_s=20, checksum=True)
+    config = SyncConfig(channel="torch_dist", bucket_mb=1 / 1024, timeout_s=5, checksum=True)
     channel = build_channel(config, "writer" if rank == 0 else "reader", rank=rank, world_size=2, src=0,
                             init_method=f"tcp://127.0.0.1:{port}")
     try:
@@ -97,6 +99,16 @@ def torch_dist_worker(rank: int, port: int) -> None:
             with pytest.raises(SyncTimeout, match=r"torch_dist: timed out after 0.1 s waiting for version 3"):
                 channel.wait_for(3, timeout=0.1)
         dist.barrier()
+        # A writer that announces version 3 and then never broadcasts (e.g. it hung): the reader's
+        # collective fails after timeout_s, naming what it waited for, instead of hanging.
+        if rank == 0:
+            channel._store.set("sync/3", "3")
+            channel._store.wait(["reader_timed_out"], timedelta(seconds=60))
+        else:
+            with pytest.raises(SyncTimeout, match=r"torch_dist: timed out after 5 s waiting for the header of "
+                                                  r"version 3 from rank 0 \(rank 1, src 0\)"):
+                channel.receive(timeout=5)
+            channel._store.set("reader_timed_out", "1")
     finally:
         channel.close()
     assert not dist.is_initialized()

@@ -34,7 +34,6 @@ def _receive_in_worker(config: SyncConfig, after: int) -> list[tuple[int, int, d
     return got
 
 
-@pytest.mark.slow  # ~20 s on a loaded 2-core machine: a local cluster plus one worker process
 def test_ray_channel_delivers_newest_version_to_a_worker(local_ray):
     config = SyncConfig(channel="ray", name=f"test-{uuid.uuid4().hex[:8]}", bucket_mb=1 / 1024,
                         checksum=True, timeout_s=30)
