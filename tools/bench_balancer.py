@@ -119,14 +119,18 @@ def run_workload(w: Workload, planner_times: list[float] | None = None) -> dict[
             t0 = time.perf_counter()
             placement = place_nodes(c_ME, topo)
             t_place = time.perf_counter() - t0
-            layer_plans = []
+            layer_plans, cross_plans = [], []
+            prev, prev_cross = last["dora"][layer], last["dora_cross_node"][layer]
             for c in c_ME:
                 t0 = time.perf_counter()
-                layer_plans.append(plan_microbatch(c, placement, topo, config=dora_intra))
+                prev = plan_microbatch(c, placement, topo, config=dora_intra, prev=prev)
                 if planner_times is not None and measured:
                     planner_times.append(time.perf_counter() - t0 + t_place / M)
+                layer_plans.append(prev)
+                prev_cross = plan_microbatch(c, placement, topo, config=dora_cross, prev=prev_cross)
+                cross_plans.append(prev_cross)
             plans["dora"].append(layer_plans)
-            plans["dora_cross_node"].append([plan_microbatch(c, placement, topo, config=dora_cross) for c in c_ME])
+            plans["dora_cross_node"].append(cross_plans)
         history.observe(counts_MLE)
         for policy, by_layer in plans.items():
             res = results[policy]

@@ -43,10 +43,15 @@ class BalancerConfig:
     """Also move excess load of overloaded nodes to replicas in other nodes (inter-node copies)."""
     sweeps: int = 2
     """Water-filling passes over the replicated experts' quotas per micro-batch."""
+    sticky: float = 0.01
+    """Keep an expert on the rank it held in the previous micro-batch when that rank is within this
+    fraction of the node's mean rank load of the lightest choice (0 = always the lightest)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.cross_node, bool):
             raise TypeError(f"balancer.cross_node must be a bool, got {self.cross_node!r}")
+        if self.sticky < 0:
+            raise ValueError(f"balancer.sticky must be >= 0, got {self.sticky}")
         if self.sweeps < 0:
             raise ValueError(f"balancer.sweeps must be >= 0, got {self.sweeps}")
 
@@ -69,6 +74,8 @@ def place_nodes(counts_ME: np.ndarray, topo: Topology) -> StepPlacement:
     counts = topo.check_counts(counts_ME, "step counts")
     if counts.ndim != 2:
         raise ValueError(f"step counts must be [micro-batches, experts], got shape {list(counts.shape)}")
+    if counts.shape[0] == 0:
+        raise ValueError("step counts must hold at least one micro-batch")
     E, G, N, S = topo.num_experts, topo.ranks_per_node, topo.num_nodes, topo.slots_per_rank
     w_ME = counts.astype(np.float64)
     # Slot demand of an expert inside its node: an expert heavier than a rank's mean load fills
@@ -76,34 +83,27 @@ def place_nodes(counts_ME: np.ndarray, topo: Topology) -> StepPlacement:
     # G - 1 more slots per node. Node budgets in slots keep every micro-batch's packing feasible.
     rank_mean_M1 = np.maximum(w_ME.sum(1, keepdims=True) / topo.num_ranks, 1e-9)
     demand_E = (S * np.floor((w_ME / rank_mean_M1).max(0, initial=0)) + 1).astype(np.int64)
-    slot_room_N = np.full(N, G * S - (G - 1), dtype=np.int64)
+    slot_room_N = np.full(N, G * S - G // 2, dtype=np.int64)
     item_room_N = topo.homes_per_rank_E.reshape(N, G).sum(1) + (G * S - topo.homes_per_rank_E.reshape(N, G).sum(1)) // 2
-    order = np.lexsort((np.arange(E), -w_ME.max(0, initial=0), -w_ME.sum(0)))
+    # Loads as shares of each micro-batch's mean node load, so every micro-batch counts alike.
+    share_EM = np.ascontiguousarray((w_ME * (N / np.maximum(w_ME.sum(1, keepdims=True), 1e-9))).T)
+    order = np.lexsort((np.arange(E), -share_EM.max(1, initial=0), -share_EM.sum(1)))
     node_of = np.empty(E, dtype=np.int64)
     load_MN = np.zeros((w_ME.shape[0], N))
-    start = 0
-    while start < E:
-        open_nodes = np.flatnonzero((item_room_N > 0) & (slot_room_N > 0))
-        if not len(open_nodes):  # demand overbooked every node: fill by item room alone
-            open_nodes = np.flatnonzero(item_room_N > 0)
-        batch = order[start:start + len(open_nodes)]
-        # peak[i, j]: the node's peak over micro-batches if expert batch[i] joined open node j.
-        peak = (load_MN[:, None, open_nodes] + w_ME[:, batch, None]).max(0)
-        peak[demand_E[batch][:, None] > slot_room_N[open_nodes][None, :]] = np.inf
-        peak_rows = peak.tolist()
-        taken: set[int] = set()
-        for i, expert in enumerate(batch.tolist()):
-            choices = [(v, j) for j, v in enumerate(peak_rows[i]) if j not in taken]
-            value, j = min(choices)
-            if value == np.inf:  # fits nowhere by demand: the node with the most slot room left
-                j = max((int(slot_room_N[open_nodes[j]]), -j) for _, j in choices)[1] * -1
-            taken.add(j)
-            node = int(open_nodes[j])
-            node_of[expert] = node
-            load_MN[:, node] += w_ME[:, expert]
-            slot_room_N[node] -= demand_E[expert]
-            item_room_N[node] -= 1
-        start += len(batch)
+    closed_N = np.zeros(N)  # +inf where a node has no item room left
+    for expert in order.tolist():
+        peak_N = (load_MN + share_EM[expert][:, None]).max(0) + closed_N
+        # A node without slot room for this expert's demand only if no node has it.
+        fits = slot_room_N >= demand_E[expert]
+        if fits[closed_N == 0].any():
+            peak_N = np.where(fits, peak_N, np.inf)
+        node = int(np.argmin(peak_N))
+        node_of[expert] = node
+        load_MN[:, node] += share_EM[expert]
+        slot_room_N[node] -= demand_E[expert]
+        item_room_N[node] -= 1
+        if item_room_N[node] == 0:
+            closed_N[node] = np.inf
     return StepPlacement(node=node_of, owner=_owners(node_of, topo))
 
 
@@ -154,39 +154,123 @@ def _replicate(items: list[list[int]], extra: int, max_copies: int) -> list[int]
 
 
 def _pack_node(items: list[list[int]], ranks: range, S: int, phys_to_log: np.ndarray, quota: np.ndarray,
-               sweeps: int) -> None:
-    """Replicate, pack and level one node's (or the whole cluster's) items ([load, expert]) onto the
-    ranks' slots. Needs len(items) <= len(ranks) * S."""
-    copies = _replicate(items, len(ranks) * S - len(items), len(ranks))
-    pieces = sorted(((load / c, i) for i, ((load, _), c) in enumerate(zip(items, copies)) for _ in range(c)),
-                    key=lambda t: (-t[0], t[1]))
+               sweeps: int, prefer: dict[int, list[int]], tolerance: float) -> None:
+    """Pack one node's items ([load, expert]) onto its ranks' slots, splitting into replicas as the
+    level needs. Needs len(items) <= len(ranks) * S.
+
+    LPT with splitting: the heaviest remaining piece goes to the lightest rank (not holding that
+    expert yet); if it would lift the rank above the node's level and a spare slot is left for the
+    remainder, the rank takes exactly up to the level and the rest goes back into the queue as a
+    further replica. A piece goes to a rank in `prefer[expert]` (where the expert was in the previous
+    micro-batch) when that rank is within `tolerance` token slots of the lightest.
+    """
+    level = -(-sum(load for load, _ in items) // len(ranks))
+    queue = [(-float(load), i) for i, (load, _) in enumerate(items)]
+    heapq.heapify(queue)
+    slots_left = len(ranks) * S
     rank_load = {r: 0.0 for r in ranks}
     used = {r: 0 for r in ranks}
-    heap = [(0.0, r) for r in ranks]
+    heap = [(0.0, r) for r in ranks]  # lazy: an entry is live if its load is current and a slot is free
     slots_of: list[list[int]] = [[] for _ in items]
     amount: dict[int, float] = {}
-    for piece, i in pieces:  # longest piece first onto the lightest rank with a free slot
+    while queue:
+        neg_x, i = heapq.heappop(queue)
+        x = -neg_x
+        holds = {s // S for s in slots_of[i]}
         skipped = []
-        rank_l, rank = heapq.heappop(heap)
-        # Two copies of one expert on one rank would be one copy: try the next lightest ranks.
-        while heap and any(s // S == rank for s in slots_of[i]):
-            skipped.append((rank_l, rank))
-            rank_l, rank = heapq.heappop(heap)
-        held = [s for s in slots_of[i] if s // S == rank]
-        if held:  # every rank with a free slot already holds this item: grow that copy instead
-            amount[held[0]] += piece
-            rank_load[rank] += piece
-            heapq.heappush(heap, (rank_load[rank], rank))
-        else:
-            slot = rank * S + used[rank]
-            used[rank] += 1
-            slots_of[i].append(slot)
-            amount[slot] = piece
-            rank_load[rank] += piece
-            if used[rank] < S:
-                heapq.heappush(heap, (rank_load[rank], rank))
+        rank = -1
+        while heap:
+            rank_l, r = heapq.heappop(heap)
+            if rank_l != rank_load[r] or used[r] >= S:
+                continue
+            if r in holds:  # one copy per rank: try the next lightest
+                skipped.append((rank_l, r))
+                continue
+            rank = r
+            break
+        for r in prefer.get(items[i][1], ()):
+            if r != rank and r in rank_load and used[r] < S and r not in holds \
+                    and (rank < 0 or rank_load[r] <= rank_load[rank] + tolerance):
+                if rank >= 0:
+                    skipped.append((rank_load[rank], rank))
+                rank = r
+                break
         for entry in skipped:
             heapq.heappush(heap, entry)
+        if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
+            slot = max(slots_of[i], key=lambda s: amount[s])
+            rank = slot // S
+            amount[slot] += x
+        else:
+            piece = x
+            room = level - rank_load[rank]
+            # Split only if a slot stays free for every piece still queued plus the remainder.
+            if x > room > 0 and slots_left - 1 >= len(queue) + 1:
+                piece = room
+                heapq.heappush(queue, (-(x - piece), i))
+            slot = rank * S + used[rank]
+            used[rank] += 1
+            slots_left -= 1
+            slots_of[i].append(slot)
+            amount[slot] = piece
+            x = piece
+        rank_load[rank] += x
+        heapq.heappush(heap, (rank_load[rank], rank))
+    # Repair: slots still free after the queue ran dry take load off the most loaded rank, either
+    # directly (a new copy on a lighter rank with a free slot) or, when only the loaded rank has free
+    # slots, by a swap: a light rank's smallest piece moves to the loaded rank and its slot takes a
+    # new copy of the loaded rank's largest piece, with that piece's size plus the excess.
+    item_of = {slot: i for i, slots in enumerate(slots_of) for slot in slots}
+    for _ in range(len(ranks) * S):
+        top = max(ranks, key=lambda r: (rank_load[r], -r))
+        excess = rank_load[top] - level
+        if excess <= 0.5:
+            break
+        lows = sorted((r for r in ranks if rank_load[r] < level), key=lambda r: (rank_load[r], r))
+        done = False
+        for low in lows:
+            src = max((s for s in range(top * S, top * S + used[top])
+                       if all(t // S != low for t in slots_of[item_of[s]])), key=lambda s: (amount[s], -s), default=-1)
+            if src < 0:
+                continue
+            i, move = item_of[src], min(excess, level - rank_load[low])
+            if used[low] < S and amount[src] > 0:
+                move = min(move, amount[src])
+                slot = low * S + used[low]
+                used[low] += 1
+            elif used[top] < S:  # the swap: low's smallest piece j (not already on top) goes to top
+                js = [t for t in range(low * S, low * S + used[low])
+                      if all(u // S != top for u in slots_of[item_of[t]]) and item_of[t] != i]
+                if not js:
+                    continue
+                slot = min(js, key=lambda t: (amount[t], t))
+                j = item_of[slot]
+                if amount[src] < amount[slot] + move:
+                    continue
+                small = amount[slot]
+                new = top * S + used[top]
+                used[top] += 1
+                slots_of[j][slots_of[j].index(slot)] = new
+                item_of[new], amount[new] = j, small
+                slots_of[i].append(slot)
+                item_of[slot], amount[slot] = i, small + move
+                amount[src] -= small + move
+                rank_load[top] -= move
+                rank_load[low] += move
+                done = True
+                break
+            else:
+                continue
+            slots_of[i].append(slot)
+            item_of[slot] = i
+            amount[slot] = move
+            amount[src] -= move
+            rank_load[top] -= move
+            rank_load[low] += move
+            done = True
+            break
+        if not done:
+            break
     # Uneven quotas: each replicated item's tokens are water-filled over its copies' ranks (the
     # other items held fixed), heaviest first, for a few sweeps.
     multi = [i for i in range(len(items)) if len(slots_of[i]) > 1]
@@ -211,9 +295,12 @@ def _pack_node(items: list[list[int]], ranks: range, S: int, phys_to_log: np.nda
 
 
 def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topology, *,
-                    config: BalancerConfig | None = None) -> Plan:
-    """Replicas and token quotas of one layer for one micro-batch, inside the step's nodes (or
-    across all of them with `cross_node`)."""
+                    config: BalancerConfig | None = None, prev: Plan | None = None) -> Plan:
+    """Replicas and token quotas of one layer for one micro-batch, inside the step's nodes.
+
+    `prev` (the layer's previous plan) makes the packing sticky: an expert stays on a rank it held
+    when that costs at most `config.sticky` of the node's mean rank load, which saves weight copies.
+    """
     config = config or BalancerConfig()
     counts = topo.check_counts(counts_E, "micro-batch counts")
     if counts.ndim != 1:
@@ -227,17 +314,50 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     bounds = np.searchsorted(node_of[order], np.arange(N + 1))
     items_by_node = [[[int(counts[e]), int(e)] for e in order[bounds[n]:bounds[n + 1]]] for n in range(N)]
     if config.cross_node and N > 1:
-        # One pool: replicas may land on any node (their weights cross the inter-node link).
-        items_by_node = [sorted((it for items in items_by_node for it in items), key=lambda t: (-t[0], t[1]))]
-        G = topo.num_ranks
+        _shed_across_nodes(items_by_node, int(counts.sum()), topo)
+    prefer: dict[int, list[int]] = {}
+    if prev is not None:
+        used = np.flatnonzero(prev.phys_to_log >= 0)
+        for slot, expert in zip(used.tolist(), prev.phys_to_log[used].tolist()):
+            prefer.setdefault(expert, []).append(slot // S)
     phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
     quota = np.zeros(topo.num_slots, dtype=np.int64)
     for n, items in enumerate(items_by_node):
-        if len(items) > G * S:
-            raise ValueError(f"node {n} holds {len(items)} experts but has only {G * S} slots")
-        _pack_node(items, range(n * G, (n + 1) * G), S, phys_to_log, quota, config.sweeps)
+        tolerance = config.sticky * sum(load for load, _ in items) / G
+        _pack_node(items, range(n * G, (n + 1) * G), S, phys_to_log, quota, config.sweeps, prefer, tolerance)
     return Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
                 slots_per_rank=S)
+
+
+def _shed_across_nodes(items_by_node: list[list[list[int]]], total: int, topo: Topology) -> None:
+    """Hand the excess of nodes above the global mean to nodes below it: a piece of the overloaded
+    node's heaviest expert becomes an item (one replica) of the receiving node. Each node keeps room
+    for its wrap-around splits, so packing stays feasible."""
+    G, S, N = topo.ranks_per_node, topo.slots_per_rank, topo.num_nodes
+    target = -(-total // N)
+    load = [sum(item[0] for item in items) for items in items_by_node]
+    for src in sorted(range(N), key=lambda n: (-load[n], n)):
+        items = items_by_node[src]
+        while load[src] > target:
+            dst = min(range(N), key=lambda n: (load[n], n))
+            room = target - load[dst]
+            if room <= 0 or len(items_by_node[dst]) >= G * S - 1:
+                break
+            heaviest = max(range(len(items)), key=lambda i: (items[i][0], -items[i][1]))
+            take = min(load[src] - target, room, items[heaviest][0])
+            if take <= 0:
+                break
+            expert = items[heaviest][1]
+            items[heaviest][0] -= take
+            same = [item for item in items_by_node[dst] if item[1] == expert]
+            if same:
+                same[0][0] += take
+            else:
+                items_by_node[dst].append([take, expert])
+            load[src] -= take
+            load[dst] += take
+    for items in items_by_node:
+        items.sort(key=lambda item: (-item[0], item[1]))
 
 
 def _homes(phys_to_log: np.ndarray, quota: np.ndarray, owner: np.ndarray, topo: Topology) -> np.ndarray:
@@ -262,7 +382,10 @@ class Balancer:
     def plan_layer_step(self, counts_ME: np.ndarray) -> tuple[StepPlacement, list[Plan]]:
         """One layer's step: counts [M, E] -> (placement, M plans)."""
         placement = place_nodes(counts_ME, self.topo)
-        return placement, [plan_microbatch(c, placement, self.topo, config=self.config) for c in counts_ME]
+        plans: list[Plan] = []
+        for c in counts_ME:
+            plans.append(plan_microbatch(c, placement, self.topo, config=self.config, prev=plans[-1] if plans else None))
+        return placement, plans
 
     def plan_step(self, counts_MLE: np.ndarray) -> list[tuple[StepPlacement, list[Plan]]]:
         """counts [M, L, E] -> per layer, (placement, plans per micro-batch)."""

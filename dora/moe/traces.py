@@ -41,7 +41,7 @@ class TraceConfig:
     tokens_per_microbatch: int = 131_072
     microbatches_per_step: int = 8
     num_steps: int = 4
-    skew: float = 0.6
+    skew: float = 0.9
     """Std of the log base popularity of experts (0 = uniform)."""
     step_drift: float = 0.2
     """How much of the base popularity is redrawn between steps (0 = fixed, 1 = independent)."""

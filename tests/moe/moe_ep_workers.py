@@ -18,13 +18,13 @@ TOKENS_PER_RANK = 7
 
 
 def ep_equality_worker(rank: int, world: int, port: int, ranks_per_node: int, slots_per_rank: int,
-                       replicas: bool, cross_node: bool) -> None:
+                       replicas: bool, cross_node: bool, top_k: int) -> None:
     """EP forward and backward on this rank's tokens must equal the single-process MoEBlock's."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        cfg = ModelConfig.tiny(hidden_size=16, moe_intermediate_size=8, num_experts=8, num_experts_per_tok=2)
+        cfg = ModelConfig.tiny(hidden_size=16, moe_intermediate_size=8, num_experts=8, num_experts_per_tok=top_k)
         gen = torch.Generator().manual_seed(0)
         block = MoEBlock(cfg).double()
         with torch.no_grad():

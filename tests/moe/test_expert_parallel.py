@@ -16,13 +16,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(("world", "ranks_per_node", "slots_per_rank", "replicas", "cross_node"), [
-    (2, 2, 4, False, False),
-    (2, 2, 5, True, False),
-    (4, 2, 3, True, True),
+@pytest.mark.parametrize(("world", "ranks_per_node", "slots_per_rank", "replicas", "cross_node", "top_k"), [
+    (2, 2, 4, False, False, 2),
+    (2, 2, 5, True, False, 1),
+    (4, 2, 3, True, True, 2),
 ])
-def test_ep_forward_backward_equal_single_process(world, ranks_per_node, slots_per_rank, replicas, cross_node):
+def test_ep_forward_backward_equal_single_process(world, ranks_per_node, slots_per_rank, replicas, cross_node, top_k):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "dora.moe.expert_parallel", "moe_ep_workers"])
     mp.start_processes(ep_equality_worker, args=(world, _free_port(), ranks_per_node, slots_per_rank, replicas,
-                                                 cross_node), nprocs=world, join=True, start_method="forkserver")
+                                                 cross_node, top_k), nprocs=world, join=True, start_method="forkserver")
