@@ -217,11 +217,15 @@ class WeightChannel(ABC):
 
 class StagingPool:
     """Reader-side staging buffers: one flat uint8 buffer per delivered version, recycled after
-    `release` so steady-state receives write into memory that is already faulted in."""
+    `release` so steady-state receives write into memory that is already faulted in.
 
-    def __init__(self, device: str, max_free: int = 2) -> None:
+    The pool remembers at most `max_tracked` unreleased versions: a reader that never calls
+    `release` only loses recycling (its tensors keep their memory alive), it never leaks."""
+
+    def __init__(self, device: str, max_free: int = 2, max_tracked: int = 8) -> None:
         self.device = torch.device(device)
         self.max_free = max_free
+        self.max_tracked = max_tracked
         self._free: list[torch.Tensor] = []
         self._in_use: dict[int, torch.Tensor] = {}
 
@@ -233,11 +237,9 @@ class StagingPool:
         else:
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self._in_use[version] = buf
+        while len(self._in_use) > self.max_tracked:
+            del self._in_use[next(iter(self._in_use))]  # oldest: never recycled, owned by the reader
         return buf
-
-    def forget(self, version: int) -> None:
-        """Drop a buffer that was never delivered (e.g. a torn read)."""
-        self._in_use.pop(version, None)
 
     def release(self, version: int) -> None:
         buf = self._in_use.pop(version, None)

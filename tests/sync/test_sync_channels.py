@@ -178,3 +178,17 @@ def test_layout_round_trips_and_buckets_cover_the_buffer():
     assert ranges[0][0] == 0 and ranges[-1][1] == layout.nbytes
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert all(end - start <= 1000 for start, end in ranges)
+
+
+def test_staging_pool_recycles_released_buffers_and_forgets_unreleased_ones():
+    from dora.sync.base import StagingPool
+
+    pool = StagingPool("cpu", max_free=1, max_tracked=2)
+    first = pool.acquire(1, 64)
+    pool.release(1)
+    assert pool.acquire(2, 64).data_ptr() == first.data_ptr()  # recycled
+    pool.acquire(3, 64)
+    pool.acquire(4, 64)  # version 2 is no longer tracked: a reader that never releases leaks nothing
+    assert sorted(pool._in_use) == [3, 4]
+    pool.release(2)  # unknown: nothing to recycle
+    assert pool._free == []
