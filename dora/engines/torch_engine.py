@@ -16,6 +16,8 @@ Threads: `submit`, `abort`, `add_version` and `drop_version` may be called from 
 weights are prepared in the caller's thread and published by swapping one reference, so the decode
 loop never waits for a load; it reads the live set once per step, so a version can only appear or
 disappear between steps, and `drop_version` refuses while any sequence of that version exists.
+`add_version` copies tensors: from asyncio code call it as `await asyncio.to_thread(engine.add_version,
+v, weights)` so the copy stays off the event loop.
 """
 
 from __future__ import annotations

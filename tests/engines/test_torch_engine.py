@@ -8,6 +8,7 @@ greedy tokens agree exactly.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -336,3 +337,36 @@ def test_config_validation_names_the_key():
         TorchEngineConfig(device="tpu")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         TorchEngine(CFG, TorchEngineConfig(max_model_len=4096))
+
+
+class _SlowWeights(dict):
+    """A weights mapping whose reads wait for a signal: add_version stays mid-preparation."""
+
+    def __init__(self, weights, release):
+        super().__init__(weights)
+        self.release = release
+        self.reading = threading.Event()
+
+    def __getitem__(self, name):
+        self.reading.set()
+        assert self.release.wait(timeout=30), "test never released the weights"
+        return super().__getitem__(name)
+
+
+def test_decoding_continues_while_a_version_loads(models):
+    engine = make_engine(models[0])
+    engine.submit(PromptGroup(group_id=0, prompt_id=0, prompt_ids=[3, 4, 5]), 0, SamplingParams(max_new_tokens=6, seed=0))
+    release = threading.Event()
+    slow = _SlowWeights(models[1].state_dict(), release)
+    loader = threading.Thread(target=engine.add_version, args=(1, slow))
+    loader.start()
+    try:
+        assert slow.reading.wait(timeout=30)
+        done = run(engine)  # every step runs while version 1 is still being prepared
+        assert [t.finish_reason for t in done] == [FinishReason.LENGTH]
+        assert engine.live_versions == [0]  # not visible until fully prepared
+        check_against(models[0], done[0])
+    finally:
+        release.set()
+        loader.join()
+    assert engine.live_versions == [0, 1]
