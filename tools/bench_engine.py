@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.bench7m(dtype=args.dtype)
-    requests = args.requests // 2 if args.quick else args.requests
+    requests = min(args.requests, 96) if args.quick else args.requests
     report = run_benchmark(cfg, fixed_tokens=args.fixed_tokens, requests=requests, quick=args.quick,
                            device=args.device, seed=args.seed)
     print_table(report, BATCHES, f"bench7m, {args.dtype}, {args.threads} threads, {args.device}")

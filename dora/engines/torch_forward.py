@@ -14,8 +14,9 @@ expert tensors (ids offset by version index * E). With one live version nothing 
 Attention: decode rows (one token each) go through one SDPA call laid out by slot — queries are
 scattered to their slot's row and the cache is read as a view `k[:num_slots, :max_len]` (slots are
 packed at the front), with a length mask. Prefill chunks go through a second call (padded to the
-longest chunk when there are several). The math is `dora.models.ops` (RMSNorm, RoPE tables, router,
-experts), so the engine computes the function the trainer's `DecoderLM` computes.
+longest chunk when there are several). The math is `dora.models.ops` (RMSNorm, RoPE tables, router)
+and `dora.engines.experts` (the experts of `ops.moe_experts` on the engine's weight layout), so the
+engine computes the function the trainer's `DecoderLM` computes, up to float summation order.
 
 Shape legend: N fed tokens this step, R sampled rows, B decode rows, S slots in the decode view,
 Lk keys, P prefill chunks, C longest chunk, D hidden, H/G query/kv heads, Dh head dim, V vocab,
@@ -60,8 +61,8 @@ class PrefillLayout:
     """Rows of the packed step that are prefill tokens (a slice when there is one chunk)."""
     slots_P: torch.Tensor
     gather_PC: torch.Tensor | None
-    """Packed-row index of every (chunk, offset), padding points at the chunk's first row; None for
-    a single chunk (no padding)."""
+    """For every (chunk, offset), its index among the step's prefill rows; padding repeats the
+    chunk's last row (its output is dropped). None for a single chunk (no padding)."""
     scatter_n: torch.Tensor | None
     """For each prefill row, its index in the flattened [P * C] padded layout."""
     num_keys: int

@@ -370,3 +370,26 @@ def test_decoding_continues_while_a_version_loads(models):
         release.set()
         loader.join()
     assert engine.live_versions == [0, 1]
+
+
+@pytest.mark.parametrize("overrides", [dict(mlp_only_layers=[1]),
+                                       dict(model_type="qwen3", num_experts=0, tie_word_embeddings=True),
+                                       dict(model_type="qwen2", num_experts=0)])
+def test_dense_layers_and_dense_models(overrides):
+    cfg = ModelConfig.tiny(num_hidden_layers=2, **overrides)
+    model = DecoderLM.from_config(cfg, seed=3).eval()
+    engine = TorchEngine(cfg, TorchEngineConfig(max_num_seqs=4, max_model_len=48, max_num_batched_tokens=8))
+    engine.add_version(0, model.state_dict())
+    engine.submit(PromptGroup(group_id=0, prompt_id=0, prompt_ids=prompts(1, seed=13)[0], num_samples=2), 0,
+                  SamplingParams(max_new_tokens=8, seed=4))
+    for t in run(engine):
+        ids = torch.tensor([t.prompt_ids + t.response_ids[:-1]])
+        with torch.no_grad():
+            out = model(ids)
+        P = len(t.prompt_ids)
+        lp = torch.log_softmax(out.logits_BSV[0, P - 1:], -1).gather(1, torch.tensor(t.response_ids)[:, None])[:, 0]
+        torch.testing.assert_close(t.behavior_logprobs, lp, atol=ATOL, rtol=0)
+        if cfg.is_moe:
+            assert t.routing is not None and torch.equal(t.routing.long(), out.routing_BSLK[0])
+        else:
+            assert t.routing is None
