@@ -43,6 +43,8 @@ class BalancerConfig:
     """Also move excess load of overloaded nodes to replicas in other nodes (inter-node copies)."""
     sweeps: int = 2
     """Water-filling passes over the replicated experts' quotas per micro-batch."""
+    min_shed: float = 0.005
+    """With `cross_node`, a node's excess over the mean is shed only above this fraction of it."""
     sticky: float = 0.01
     """Keep an expert on the rank it held in the previous micro-batch when that rank is within this
     fraction of the node's mean rank load of the lightest choice (0 = always the lightest)."""
@@ -50,6 +52,8 @@ class BalancerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.cross_node, bool):
             raise TypeError(f"balancer.cross_node must be a bool, got {self.cross_node!r}")
+        if self.min_shed < 0:
+            raise ValueError(f"balancer.min_shed must be >= 0, got {self.min_shed}")
         if self.sticky < 0:
             raise ValueError(f"balancer.sticky must be >= 0, got {self.sticky}")
         if self.sweeps < 0:
@@ -66,10 +70,12 @@ class StepPlacement:
     """[E] int64 rank that owns each expert (optimizer state; gradients are reduced to it)."""
 
 
-def place_nodes(counts_ME: np.ndarray, topo: Topology) -> StepPlacement:
+def place_nodes(counts_ME: np.ndarray, topo: Topology, *, swaps: int = 16) -> StepPlacement:
     """Nodes and owner ranks of one layer's experts for a step, from the step's counts [M, E].
 
-    Deterministic: ties go to the lowest index.
+    A vector greedy (heaviest first, onto the node whose peak over micro-batches grows least) and
+    then up to `swaps` improving exchanges between the peak node and the lightest node of the peak
+    micro-batch. Deterministic: ties go to the lowest index.
     """
     counts = topo.check_counts(counts_ME, "step counts")
     if counts.ndim != 2:
@@ -104,7 +110,36 @@ def place_nodes(counts_ME: np.ndarray, topo: Topology) -> StepPlacement:
         item_room_N[node] -= 1
         if item_room_N[node] == 0:
             closed_N[node] = np.inf
+    _swap_nodes(share_EM, node_of, load_MN, demand_E, swaps)
     return StepPlacement(node=node_of, owner=_owners(node_of, topo))
+
+
+def _swap_nodes(share_EM: np.ndarray, node_of: np.ndarray, load_MN: np.ndarray, demand_E: np.ndarray,
+                max_swaps: int) -> None:
+    """Local search in place: exchange one expert of the node holding the peak (micro-batch, node)
+    load with one of the lightest node in that micro-batch, the exchange that lowers the larger of
+    the two nodes' peaks most, while that lowers the overall peak. Only experts of equal slot demand
+    are exchanged, so node slot budgets hold."""
+    N = load_MN.shape[1]
+    if N < 2:
+        return
+    for _ in range(max_swaps):
+        m_star, hi = divmod(int(np.argmax(load_MN)), N)
+        lo = int(np.argmin(load_MN[m_star]))
+        A, B = np.flatnonzero(node_of == hi), np.flatnonzero(node_of == lo)
+        if not len(A) or not len(B):
+            return
+        d_MAB = share_EM[B].T[:, None, :] - share_EM[A].T[:, :, None]
+        peak_AB = np.maximum((load_MN[:, hi, None, None] + d_MAB).max(0), (load_MN[:, lo, None, None] - d_MAB).max(0))
+        peak_AB[demand_E[A][:, None] != demand_E[B][None, :]] = np.inf
+        a, b = divmod(int(np.argmin(peak_AB)), len(B))
+        others = np.delete(load_MN, [hi, lo], axis=1)
+        if max(peak_AB[a, b], others.max(initial=0.0)) >= load_MN[m_star, hi] - 1e-12:
+            return
+        ea, eb = A[a], B[b]
+        load_MN[:, hi] += share_EM[eb] - share_EM[ea]
+        load_MN[:, lo] += share_EM[ea] - share_EM[eb]
+        node_of[ea], node_of[eb] = lo, hi
 
 
 def _owners(node_of: np.ndarray, topo: Topology) -> np.ndarray:
@@ -313,13 +348,14 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     order = np.lexsort((np.arange(topo.num_experts), -counts, node_of))
     bounds = np.searchsorted(node_of[order], np.arange(N + 1))
     items_by_node = [[[int(counts[e]), int(e)] for e in order[bounds[n]:bounds[n + 1]]] for n in range(N)]
-    if config.cross_node and N > 1:
-        _shed_across_nodes(items_by_node, int(counts.sum()), topo)
     prefer: dict[int, list[int]] = {}
     if prev is not None:
         used = np.flatnonzero(prev.phys_to_log >= 0)
         for slot, expert in zip(used.tolist(), prev.phys_to_log[used].tolist()):
             prefer.setdefault(expert, []).append(slot // S)
+    if config.cross_node and N > 1:
+        prev_nodes = {e: {r // G for r in rks} - {int(node_of[e])} for e, rks in prefer.items()}
+        _shed_across_nodes(items_by_node, int(counts.sum()), topo, prev_nodes, config.min_shed)
     phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
     quota = np.zeros(topo.num_slots, dtype=np.int64)
     for n, items in enumerate(items_by_node):
@@ -329,22 +365,30 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
                 slots_per_rank=S)
 
 
-def _shed_across_nodes(items_by_node: list[list[list[int]]], total: int, topo: Topology) -> None:
-    """Hand the excess of nodes above the global mean to nodes below it: a piece of the overloaded
-    node's heaviest expert becomes an item (one replica) of the receiving node. Each node keeps room
-    for its wrap-around splits, so packing stays feasible."""
+def _shed_across_nodes(items_by_node: list[list[list[int]]], total: int, topo: Topology,
+                       prev_nodes: dict[int, set[int]], min_excess: float) -> None:
+    """Hand the excess of nodes above the global mean to nodes below it: a piece of an overloaded
+    node's expert becomes an item (one replica) of the receiving node. An expert that already had a
+    copy in an underloaded node in the previous micro-batch goes first, to that node (the copy is
+    already there: no inter-node transfer); otherwise the heaviest expert goes to the lightest node.
+    Excess below `min_excess` of the mean node load is left alone (a transfer would cost more)."""
     G, S, N = topo.ranks_per_node, topo.slots_per_rank, topo.num_nodes
     target = -(-total // N)
     load = [sum(item[0] for item in items) for items in items_by_node]
     for src in sorted(range(N), key=lambda n: (-load[n], n)):
         items = items_by_node[src]
-        while load[src] > target:
-            dst = min(range(N), key=lambda n: (load[n], n))
-            room = target - load[dst]
-            if room <= 0 or len(items_by_node[dst]) >= G * S - 1:
+        while load[src] - target > min_excess * target:
+            under = [n for n in range(N) if load[n] < target and len(items_by_node[n]) < G * S - 1]
+            if not under:
                 break
-            heaviest = max(range(len(items)), key=lambda i: (items[i][0], -items[i][1]))
-            take = min(load[src] - target, room, items[heaviest][0])
+            resident = [(items[i][0], -items[i][1], i, n) for i in range(len(items)) if items[i][0] > 0
+                        for n in sorted(prev_nodes.get(items[i][1], ())) if n in under]
+            if resident:
+                _, _, heaviest, dst = max(resident)
+            else:
+                heaviest = max(range(len(items)), key=lambda i: (items[i][0], -items[i][1]))
+                dst = min(under, key=lambda n: (load[n], n))
+            take = min(load[src] - target, target - load[dst], items[heaviest][0])
             if take <= 0:
                 break
             expert = items[heaviest][1]

@@ -80,8 +80,8 @@ class Movement:
 def movement(prev: Plan | None, cur: Plan, nxt: Plan | None, topo: Topology, expert: ExpertShape) -> Movement:
     """Weights copied into `cur`'s slots that `prev` did not hold (from the same node when it had a
     copy there, else from another node), and gradients of `cur`'s non-home copies that `nxt` does not
-    keep (a replica that stays accumulates locally and is reduced when it ends; `nxt=None` = step end).
-    With `prev=None` every copy is counted as fetched from the home... i.e. only replicas move."""
+    keep (a replica that stays accumulates locally and is reduced when it ends; `nxt=None` = step
+    end). With `prev=None` (nothing resident yet) every non-home copy is fetched from its home."""
     G, S, R = topo.ranks_per_node, topo.slots_per_rank, topo.num_ranks
     intra = np.zeros(R)
     inter = np.zeros(R)
@@ -98,14 +98,37 @@ def movement(prev: Plan | None, cur: Plan, nxt: Plan | None, topo: Topology, exp
         prev_used = np.flatnonzero(prev.phys_to_log >= 0)
         held[prev.phys_to_log[prev_used], prev_used // S // G] = True
         same = held[experts, node]
-    np.add.at(intra, used[new & same] // S, expert.weight_bytes)
-    np.add.at(inter, used[new & ~same] // S, expert.weight_bytes)
+    # Several new copies of one expert in one node cross the inter-node link once; the rest are
+    # fanned out over NVLink.
+    far = new & ~same
+    far_first = far & _first_per_group(experts * topo.num_nodes + node, far)
+    np.add.at(intra, used[new & ~far_first] // S, expert.weight_bytes)
+    np.add.at(inter, used[far_first] // S, expert.weight_bytes)
     replica = used != cur.home[experts]
     ends = replica if nxt is None else replica & (nxt.phys_to_log[used] != experts)
-    home_node = cur.home[experts] // S // G
-    np.add.at(intra, used[ends & (home_node == node)] // S, expert.weight_bytes)
-    np.add.at(inter, used[ends & (home_node != node)] // S, expert.weight_bytes)
+    # An ending replica hands its gradient to a copy of the expert that the next plan keeps in the
+    # same node (NVLink), else to the home (NVLink or the inter-node link).
+    near = (cur.home[experts] // S // G) == node
+    if nxt is not None:
+        kept = np.zeros((topo.num_experts, topo.num_nodes), dtype=bool)
+        nxt_used = np.flatnonzero(nxt.phys_to_log >= 0)
+        kept[nxt.phys_to_log[nxt_used], nxt_used // S // G] = True
+        near |= kept[experts, node]
+    # Replicas of one expert ending in one foreign node are summed over NVLink first, then sent once.
+    far = ends & ~near
+    far_first = far & _first_per_group(experts * topo.num_nodes + node, far)
+    np.add.at(intra, used[ends & ~far_first] // S, expert.weight_bytes)
+    np.add.at(inter, used[far_first] // S, expert.weight_bytes)
     return Movement(intra_bytes_R=intra, inter_bytes_R=inter)
+
+
+def _first_per_group(key: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Boolean [len(key)]: True at the first masked position of each key value."""
+    first = np.zeros(len(key), dtype=bool)
+    idx = np.flatnonzero(mask)
+    _, pos = np.unique(key[idx], return_index=True)
+    first[idx[pos]] = True
+    return first
 
 
 def layer_time(rank_load_R: np.ndarray, move: Movement | None, topo: Topology, expert: ExpertShape,
