@@ -18,7 +18,9 @@ version 0 throughout). One repetition is two syncs:
    of the segment: one copy. Clocks are CLOCK_MONOTONIC, common to all processes.
 2. with the engine decoding: `decode_step_ms` is the median interval between decode-step
    completions in the second before the sync; `max_decode_gap_ms` the longest interval from
-   publish start until the version is staged (plus the step straddling that moment). The table
+   publish start until the version is staged (plus the step straddling that moment), and as a
+   control (table only) the longest interval in an equally long window just before, without a
+   sync: on a shared machine the scheduler alone stretches steps. The table
    also shows this sync's bandwidth, and the engine's own `add_version` (it copies the weights
    into its layout) with the decode gap during it: engine cost, not part of the sync figures.
 Reported: medians of `--reps` repetitions after one warm-up repetition.
@@ -82,11 +84,9 @@ def payload(quick: bool) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- writer
-def _channel_config(name: str, run: str) -> tuple[SyncConfig, dict]:
-    channel = "shm" if name == "shm_view" else name
-    config = SyncConfig(channel=channel, name=run, timeout_s=120, bucket_mb=64,
-                        read_mode="view" if name == "shm_view" else "copy")
-    return config, {}
+def _channel_config(name: str, run: str) -> SyncConfig:
+    return SyncConfig(channel="shm" if name == "shm_view" else name, name=run, timeout_s=120, bucket_mb=64,
+                      read_mode="view" if name == "shm_view" else "copy")
 
 
 def writer_main(name: str, run: str, quick: bool, extra: dict, commands, results) -> None:
@@ -97,7 +97,7 @@ def writer_main(name: str, run: str, quick: bool, extra: dict, commands, results
 
         ray.init(address=extra["address"], namespace=extra["namespace"], log_to_driver=False,
                  configure_logging=False)
-    config, _ = _channel_config(name, run)
+    config = _channel_config(name, run)
     weights = payload(quick)
     kwargs = {"rank": 0, "world_size": 2, "src": 0, "init_method": extra["init"]} if name == "torch_dist" else {}
     channel = build_channel(config, "writer", **kwargs)
@@ -236,7 +236,7 @@ class Sync:
 def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, marker: str,
                   memcpy_samples: list[float]) -> tuple[dict, dict]:
     run = f"bench-{uuid.uuid4().hex[:8]}"
-    config, _ = _channel_config(name, run)
+    config = _channel_config(name, run)
     delivered: dict[int, tuple[float, float]] = {}
     arrived = threading.Condition()
     extra: dict = {}
@@ -286,7 +286,7 @@ def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, mark
         return Sync(t0, published, *delivered[version])
 
     receiver = SyncReceiver(channel, on_version, poll_s=0.1, release_after_delivery=True).start()
-    alone, decoding, steps, gaps, load_gaps = [], [], [], [], []
+    alone, decoding, steps, gaps, control_gaps, load_gaps = [], [], [], [], [], []
     scratch_src = torch.ones(nbytes, dtype=torch.uint8)
     scratch_dst = torch.zeros(nbytes, dtype=torch.uint8)
     try:
@@ -307,6 +307,10 @@ def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, mark
                 decoding.append(s)
                 steps.append(statistics.median(loop.intervals(s.t0 - 1.0, s.t0)[:-1] or [float("nan")]))
                 gaps.append(max(loop.intervals(s.t0, s.received)))
+                # Control: the longest interval in an equally long window just before, without a sync
+                # (on a shared machine the scheduler alone makes gaps).
+                window = min(s.seconds, 1.0)
+                control_gaps.append(max(loop.intervals(s.t0 - window, s.t0)[:-1] or [float("nan")]))
                 load_gaps.append(max(loop.intervals(s.received, s.loaded)))
     finally:
         loop.running.set()
@@ -325,7 +329,8 @@ def bench_channel(name: str, args, loop: DecodeLoop, workload, nbytes: int, mark
     extra = {"publish_ms": 1e3 * statistics.median(a.published - a.t0 for a in alone),
              "decoding_bytes_per_s": nbytes / statistics.median(d.seconds for d in decoding),
              "load_ms": 1e3 * statistics.median(d.loaded - d.received for d in decoding),
-             "load_gap_ms": 1e3 * statistics.median(load_gaps)}
+             "load_gap_ms": 1e3 * statistics.median(load_gaps),
+             "control_gap_ms": 1e3 * statistics.median(control_gaps)}
     return result, extra
 
 
@@ -398,7 +403,7 @@ def report(results: dict, extra: dict, memcpy: float, memcpy_2: float, nbytes: i
     table = Table(title=f"weight sync: {nbytes / MiB:.0f} MiB payload, median of {args.reps}; memcpy "
                         f"{memcpy / 1e9:.2f} GB/s (1 thread; {memcpy_2 / 1e9:.2f} GB/s with 2 at start)")
     for col in ("channel", "GB/s", "x memcpy", "target", "publish ms", "GB/s decoding", "decode step ms",
-                "max gap ms", "gap / step", "add_version ms", "gap in add_version ms"):
+                "max gap ms", "gap / step", "gap no sync ms", "add_version ms", "gap in add_version ms"):
         table.add_column(col, justify="left" if col == "channel" else "right")
     targets = {"shm": 0.4, "shm_view": 0.8}
     for name, r in results.items():
@@ -410,8 +415,9 @@ def report(results: dict, extra: dict, memcpy: float, memcpy_2: float, nbytes: i
         table.add_row(name, f"{r['bytes_per_s'] / 1e9:.2f}", f"{ratio:.2f}", target_txt, f"{e['publish_ms']:.0f}",
                       f"{e['decoding_bytes_per_s'] / 1e9:.2f}", f"{r['decode_step_ms']:.1f}",
                       f"{r['max_decode_gap_ms']:.1f}", f"{gap_steps:.2f} ({'ok' if gap_steps <= 2 else 'MISS'} <= 2)",
+                      f"{e['control_gap_ms']:.1f}",
                       f"{e['load_ms']:.0f}", f"{e['load_gap_ms']:.1f}")
-    console = Console(width=170)
+    console = Console(width=180)
     console.print(table)
     console.print(f"decode workload: {label}; torch threads: 1 per process (decode, receiver, trainer). "
                   "GB/s: publish start -> version staged, engine idle; GB/s decoding: the same while it decodes.")

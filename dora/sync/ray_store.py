@@ -29,7 +29,7 @@ import torch
 from dora.sync.base import (
     CHANNELS, ChecksumError, StagingPool, SyncConfig, SyncRole, SyncTimeout, WeightChannel,
 )
-from dora.sync.layout import WeightLayout, as_bytes, checksum, copy_chunked
+from dora.sync.layout import WeightLayout, checksum, copy_chunked
 from dora.types import PolicyVersion
 
 

@@ -22,7 +22,6 @@ destroys it in `close()`; otherwise it builds a subgroup of the whole world (ran
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
