@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-max-new-tokens", type=int, default=128)
+    parser.add_argument("--snapshots", default="", help="comma-separated earlier steps to also evaluate and save "
+                        "(as OUT-stepN), to choose how far the warm start goes")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -79,6 +81,22 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup)
                                                  * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     rng = random.Random(args.seed)
+    snapshots = {int(s) for s in args.snapshots.split(",") if s}
+    eval_groups = PromptSource(data_cfg, tokenizer, dataset=splits).eval_groups()
+
+    def finish(out: Path, steps: int) -> float:
+        model.eval()
+        accuracy = greedy_accuracy(model, tokenizer, eval_groups, reward="arithmetic",
+                                   max_new_tokens=args.eval_max_new_tokens)
+        model.train()
+        save_model(model, out, tokenizer=tokenizer)
+        info = {"steps": steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                "heldout_greedy_accuracy": accuracy, "parameters": model.num_parameters(),
+                "command": f"python tools/warm_start.py --out {out} --steps {steps} --seed {args.seed}"}
+        (out / "warm_start.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(f"step {steps}: held-out greedy accuracy {accuracy:.3f}; saved {out}", flush=True)
+        return accuracy
+
     start = time.monotonic()
     for step in range(args.steps):
         input_ids_BS, mask_BS, targets_BS = sft_batch(splits.train, tokenizer, rng, args.batch_size)
@@ -91,17 +109,10 @@ def main() -> None:
         schedule.step()
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:4d} loss {loss.item():.4f} ({time.monotonic() - start:.0f}s)", flush=True)
+        if step + 1 in snapshots and step + 1 != args.steps:
+            finish(args.out.with_name(f"{args.out.name}-step{step + 1}"), step + 1)
 
-    model.eval()
-    eval_groups = PromptSource(data_cfg, tokenizer, dataset=splits).eval_groups()
-    accuracy = greedy_accuracy(model, tokenizer, eval_groups, reward="arithmetic",
-                               max_new_tokens=args.eval_max_new_tokens)
-    save_model(model, args.out, tokenizer=tokenizer)
-    info = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "heldout_greedy_accuracy": accuracy, "parameters": model.num_parameters(),
-            "command": f"python tools/warm_start.py --out {args.out} --steps {args.steps} --seed {args.seed}"}
-    (args.out / "warm_start.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"held-out greedy accuracy {accuracy:.3f}; saved {args.out}")
+    finish(args.out, args.steps)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,11 @@ class Scheduler:
         """Policy versions live on at least one engine now, ascending."""
         return list(self.pool.live_versions())
 
+    def unconsumed_versions(self) -> list[int]:
+        """Policy versions of the groups admitted and not yet consumed (running, queued or finished
+        and waiting in the buffer), ascending: the versions the run still depends on."""
+        return sorted({rec.version for rec in self._records.values()})
+
     def wait_status(self, time: float) -> WaitStatus | None:
         """What the trainer waits for now (None if it does not wait)."""
         if self._waiting is None:

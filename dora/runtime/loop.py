@@ -149,7 +149,7 @@ class TrainLoop:
                 waited_from = time.monotonic()
                 batch = await driver.next_batch(step)
                 wait_s = time.monotonic() - waited_from
-                live = self.scheduler.active_versions()
+                live = sorted(set(batch.versions) | set(self.scheduler.unconsumed_versions()))
                 max_live = max(max_live, len(live))
                 step_start = self.timeline.now()
                 train = await self.trainer.train_step(batch)
