@@ -168,7 +168,9 @@ class LiveVersions:
 
     @staticmethod
     def build(weights: list[VersionWeights]) -> LiveVersions:
-        """Stack the experts of `weights` (done by add/drop_version, off the decode loop)."""
+        """Stack the experts of `weights` (done by add/drop_version, off the decode loop). With
+        several versions the stacked tensors are a copy: expert memory is about twice the live
+        versions' experts (the per-version tensors are kept to re-stack when the live set changes)."""
         weights = sorted(weights, key=lambda w: w.version)
         num_layers = len(weights[0].layers) if weights else 0
         gate_up, down = [], []
