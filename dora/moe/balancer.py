@@ -95,50 +95,63 @@ def place_nodes(counts_ME: np.ndarray, topo: Topology, *, swaps: int = 16) -> St
     share_EM = np.ascontiguousarray((w_ME * (N / np.maximum(w_ME.sum(1, keepdims=True), 1e-9))).T)
     order = np.lexsort((np.arange(E), -share_EM.max(1, initial=0), -share_EM.sum(1)))
     node_of = np.empty(E, dtype=np.int64)
-    load_MN = np.zeros((w_ME.shape[0], N))
-    closed_N = np.zeros(N)  # +inf where a node has no item room left
+    load_NM = np.zeros((N, w_ME.shape[0]))
+    penalty_N = np.zeros(N)  # +inf where a node has no item room left
+    demand = demand_E.tolist()
     for expert in order.tolist():
-        peak_N = (load_MN + share_EM[expert][:, None]).max(0) + closed_N
-        # A node without slot room for this expert's demand only if no node has it.
-        fits = slot_room_N >= demand_E[expert]
-        if fits[closed_N == 0].any():
-            peak_N = np.where(fits, peak_N, np.inf)
-        node = int(np.argmin(peak_N))
+        peak_N = (load_NM + share_EM[expert]).max(1)
+        peak_N += penalty_N
+        if demand[expert] > 1:  # a heavy expert avoids nodes without slot room, if any has room
+            fits = slot_room_N >= demand[expert]
+            if fits[penalty_N == 0].any():
+                peak_N[~fits] = np.inf
+        node = int(peak_N.argmin())
         node_of[expert] = node
-        load_MN[:, node] += share_EM[expert]
-        slot_room_N[node] -= demand_E[expert]
+        load_NM[node] += share_EM[expert]
+        slot_room_N[node] -= demand[expert]
         item_room_N[node] -= 1
         if item_room_N[node] == 0:
-            closed_N[node] = np.inf
-    _swap_nodes(share_EM, node_of, load_MN, demand_E, swaps)
+            penalty_N[node] = np.inf
+    _swap_nodes(np.ascontiguousarray(share_EM.T), node_of, load_NM, demand_E, swaps)
     return StepPlacement(node=node_of, owner=_owners(node_of, topo))
 
 
-def _swap_nodes(share_EM: np.ndarray, node_of: np.ndarray, load_MN: np.ndarray, demand_E: np.ndarray,
+def _swap_nodes(share_ME: np.ndarray, node_of: np.ndarray, load_NM: np.ndarray, demand_E: np.ndarray,
                 max_swaps: int) -> None:
-    """Local search in place: exchange one expert of the node holding the peak (micro-batch, node)
+    """Local search in place: exchange one expert of the node holding the peak (node, micro-batch)
     load with one of the lightest node in that micro-batch, the exchange that lowers the larger of
     the two nodes' peaks most, while that lowers the overall peak. Only experts of equal slot demand
     are exchanged, so node slot budgets hold."""
-    N = load_MN.shape[1]
+    N, M = load_NM.shape
     if N < 2:
         return
     for _ in range(max_swaps):
-        m_star, hi = divmod(int(np.argmax(load_MN)), N)
-        lo = int(np.argmin(load_MN[m_star]))
+        hi, m_star = divmod(int(load_NM.argmax()), M)
+        lo = int(load_NM[:, m_star].argmin())
         A, B = np.flatnonzero(node_of == hi), np.flatnonzero(node_of == lo)
         if not len(A) or not len(B):
             return
-        d_MAB = share_EM[B].T[:, None, :] - share_EM[A].T[:, :, None]
-        peak_AB = np.maximum((load_MN[:, hi, None, None] + d_MAB).max(0), (load_MN[:, lo, None, None] - d_MAB).max(0))
+        # peak_AB[a, b]: the larger of the two nodes' peaks after exchanging A[a] and B[b]. A loop
+        # over micro-batches of [A, B] maxima (numpy reduces short axes slowly).
+        share_A, share_B = share_ME[:, A], share_ME[:, B]
+        hi_AB = lo_AB = None
+        for m in range(M):
+            out_AB = np.subtract.outer(share_A[m], share_B[m])  # load leaving `hi`
+            h, l = load_NM[hi, m] - out_AB, load_NM[lo, m] + out_AB
+            hi_AB = h if hi_AB is None else np.maximum(hi_AB, h, out=hi_AB)
+            lo_AB = l if lo_AB is None else np.maximum(lo_AB, l, out=lo_AB)
+        peak_AB = np.maximum(hi_AB, lo_AB)
         peak_AB[demand_E[A][:, None] != demand_E[B][None, :]] = np.inf
-        a, b = divmod(int(np.argmin(peak_AB)), len(B))
-        others = np.delete(load_MN, [hi, lo], axis=1)
-        if max(peak_AB[a, b], others.max(initial=0.0)) >= load_MN[m_star, hi] - 1e-12:
+        a, b = divmod(int(peak_AB.argmin()), len(B))
+        peaks_N = load_NM.max(1)
+        peaks_N[[hi, lo]] = -np.inf
+        others = peaks_N.max()
+        if max(peak_AB[a, b], others) >= load_NM[hi, m_star] - 1e-12:
             return
         ea, eb = A[a], B[b]
-        load_MN[:, hi] += share_EM[eb] - share_EM[ea]
-        load_MN[:, lo] += share_EM[ea] - share_EM[eb]
+        delta = share_ME[:, eb] - share_ME[:, ea]
+        load_NM[hi] += delta
+        load_NM[lo] -= delta
         node_of[ea], node_of[eb] = lo, hi
 
 
@@ -200,63 +213,56 @@ def _pack_node(items: list[list[int]], ranks: range, S: int, phys_to_log: np.nda
     micro-batch) when that rank is within `tolerance` token slots of the lightest.
     """
     level = -(-sum(load for load, _ in items) // len(ranks))
-    queue = [(-float(load), i) for i, (load, _) in enumerate(items)]
-    heapq.heapify(queue)
+    rank_list = list(ranks)
     slots_left = len(ranks) * S
-    rank_load = {r: 0.0 for r in ranks}
-    used = {r: 0 for r in ranks}
-    heap = [(0.0, r) for r in ranks]  # lazy: an entry is live if its load is current and a slot is free
+    rank_load = dict.fromkeys(rank_list, 0.0)
+    used = dict.fromkeys(rank_list, 0)
     slots_of: list[list[int]] = [[] for _ in items]
     amount: dict[int, float] = {}
-    while queue:
-        neg_x, i = heapq.heappop(queue)
-        x = -neg_x
-        holds = {s // S for s in slots_of[i]}
-        skipped = []
-        rank = -1
-        while heap:
-            rank_l, r = heapq.heappop(heap)
-            if rank_l != rank_load[r] or used[r] >= S:
-                continue
-            if r in holds:  # one copy per rank: try the next lightest
-                skipped.append((rank_l, r))
-                continue
-            rank = r
-            break
+    # The queue: items in their (descending) order, merged with a heap of split remainders.
+    remainders: list[tuple[float, int]] = []
+    nxt = 0
+    inf = float("inf")
+    while nxt < len(items) or remainders:
+        if remainders and (nxt == len(items) or -remainders[0][0] > items[nxt][0]):
+            neg_x, i = heapq.heappop(remainders)
+            x = -neg_x
+        else:
+            x, i = float(items[nxt][0]), nxt
+            nxt += 1
+        mine = slots_of[i]
+        holds = {s // S for s in mine} if mine else ()
+        rank, best = -1, inf
+        for r in rank_list:  # the lightest rank with a free slot, one copy per rank
+            if used[r] < S and rank_load[r] < best and r not in holds:
+                rank, best = r, rank_load[r]
         for r in prefer.get(items[i][1], ()):
-            if r != rank and r in rank_load and used[r] < S and r not in holds \
-                    and (rank < 0 or rank_load[r] <= rank_load[rank] + tolerance):
-                if rank >= 0:
-                    skipped.append((rank_load[rank], rank))
-                rank = r
+            if r in used and used[r] < S and r not in holds and rank_load[r] <= best + tolerance:
+                rank, best = r, rank_load[r]
                 break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
         if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
-            slot = max(slots_of[i], key=lambda s: amount[s])
+            slot = max(mine, key=lambda s: amount[s])
             rank = slot // S
             amount[slot] += x
         else:
-            piece = x
-            room = level - rank_load[rank]
+            room = level - best
+            queued = len(items) - nxt + len(remainders)
             # Split only if a slot stays free for every piece still queued plus the remainder.
-            if x > room > 0 and slots_left - 1 >= len(queue) + 1:
-                piece = room
-                heapq.heappush(queue, (-(x - piece), i))
+            if x > room > 0 and slots_left - 1 >= queued + 1:
+                heapq.heappush(remainders, (room - x, i))
+                x = room
             slot = rank * S + used[rank]
             used[rank] += 1
             slots_left -= 1
-            slots_of[i].append(slot)
-            amount[slot] = piece
-            x = piece
+            mine.append(slot)
+            amount[slot] = x
         rank_load[rank] += x
-        heapq.heappush(heap, (rank_load[rank], rank))
     # Repair: slots still free after the queue ran dry take load off the most loaded rank, either
     # directly (a new copy on a lighter rank with a free slot) or, when only the loaded rank has free
     # slots, by a swap: a light rank's smallest piece moves to the loaded rank and its slot takes a
     # new copy of the loaded rank's largest piece, with that piece's size plus the excess.
     item_of = {slot: i for i, slots in enumerate(slots_of) for slot in slots}
-    for _ in range(len(ranks) * S):
+    for _ in range(len(ranks)):
         top = max(ranks, key=lambda r: (rank_load[r], -r))
         excess = rank_load[top] - level
         if excess <= 0.5:
@@ -312,21 +318,31 @@ def _pack_node(items: list[list[int]], ranks: range, S: int, phys_to_log: np.nda
     for _ in range(sweeps if multi else 0):
         for i in multi:
             base = sorted((rank_load[s // S] - amount[s], s) for s in slots_of[i])
-            total, acc, level = float(items[i][0]), 0.0, 0.0
+            total, acc, fill = float(items[i][0]), 0.0, 0.0
             for j, (b, _) in enumerate(base):
                 acc += b
-                level = (total + acc) / (j + 1)
-                if j + 1 == len(base) or level <= base[j + 1][0]:
+                fill = (total + acc) / (j + 1)
+                if j + 1 == len(base) or fill <= base[j + 1][0]:
                     break
             for b, s in base:
-                amount[s] = max(0.0, level - b)
+                amount[s] = max(0.0, fill - b)
                 rank_load[s // S] = b + amount[s]
+    # Whole token counts: copies get the floor of their share, the largest copy the rest.
+    out_slots, out_experts, out_quota = [], [], []
     for i, (item_load, expert) in enumerate(items):
         slots = slots_of[i]
+        if len(slots) == 1:
+            out_slots.append(slots[0])
+            out_experts.append(expert)
+            out_quota.append(item_load)
+            continue
         whole = [int(amount[s]) for s in slots]
         whole[max(range(len(slots)), key=lambda j: amount[slots[j]])] += item_load - sum(whole)
-        for s, q in zip(slots, whole):
-            phys_to_log[s], quota[s] = expert, q
+        out_slots.extend(slots)
+        out_experts.extend([expert] * len(slots))
+        out_quota.extend(whole)
+    phys_to_log[out_slots] = out_experts
+    quota[out_slots] = out_quota
 
 
 def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topology, *,
@@ -347,7 +363,8 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     # Per node, its items as [load, expert], heaviest first (ties by expert id).
     order = np.lexsort((np.arange(topo.num_experts), -counts, node_of))
     bounds = np.searchsorted(node_of[order], np.arange(N + 1))
-    items_by_node = [[[int(counts[e]), int(e)] for e in order[bounds[n]:bounds[n + 1]]] for n in range(N)]
+    count_list, order_list, bound_list = counts.tolist(), order.tolist(), bounds.tolist()
+    items_by_node = [[[count_list[e], e] for e in order_list[bound_list[n]:bound_list[n + 1]]] for n in range(N)]
     prefer: dict[int, list[int]] = {}
     if prev is not None:
         used = np.flatnonzero(prev.phys_to_log >= 0)
