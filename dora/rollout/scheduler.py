@@ -23,10 +23,9 @@ from typing import Any, Protocol
 import torch
 
 from dora.buffer.buffer import TrajectoryBuffer
-from dora.rollout.config import GroupPlacement, OnStale, RolloutConfig
+from dora.rollout.config import OnStale, RolloutConfig
 from dora.rollout.controller import VersionController
-from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, EnginesReset, Event, LoadVersion,
-                                 SampleFinished, StartStep, StepRequested, Submit, Tick, VersionPublished)
+from dora.rollout.events import (Abort, Action, EngineLoaded, EnginesReset, Event, SampleFinished, StartStep, StepRequested, Submit, Tick, VersionPublished)
 from dora.rollout.metrics import RolloutMetrics, TrainerWait, WaitStatus
 from dora.rollout.pool import Placement, RolloutPool
 from dora.types import Batch, FinishReason, PromptGroup

@@ -9,7 +9,7 @@ from dora.trainer.backend import TorchBackend
 from dora.trainer.config import AlgorithmConfig, Aggregation, OffPolicy, TrainerConfig
 from dora.trainer.trainer import Trainer
 from dora.trainer.value_head import ValueHead
-from dora.types import Batch, FinishReason
+from dora.types import FinishReason
 from trainer_fixtures import random_batch, sample_batch, score, tiny_model
 
 
