@@ -48,12 +48,17 @@ class BalancerConfig:
     sticky: float = 0.01
     """Keep an expert on the rank it held in the previous micro-batch when that rank is within this
     fraction of the node's mean rank load of the lightest choice (0 = always the lightest)."""
+    move_cost_tokens: float = 0.0
+    """What one weight copy costs, in token slots of expert work (`cost_model.move_cost_tokens`); the
+    stickiness tolerance is at least this, so small micro-batches do not move experts for nothing."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.cross_node, bool):
             raise TypeError(f"balancer.cross_node must be a bool, got {self.cross_node!r}")
         if self.min_shed < 0:
             raise ValueError(f"balancer.min_shed must be >= 0, got {self.min_shed}")
+        if self.move_cost_tokens < 0:
+            raise ValueError(f"balancer.move_cost_tokens must be >= 0, got {self.move_cost_tokens}")
         if self.sticky < 0:
             raise ValueError(f"balancer.sticky must be >= 0, got {self.sticky}")
         if self.sweeps < 0:
@@ -376,7 +381,7 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
     quota = np.zeros(topo.num_slots, dtype=np.int64)
     for n, items in enumerate(items_by_node):
-        tolerance = config.sticky * sum(load for load, _ in items) / G
+        tolerance = max(config.sticky * sum(load for load, _ in items) / G, config.move_cost_tokens)
         _pack_node(items, range(n * G, (n + 1) * G), S, phys_to_log, quota, config.sweeps, prefer, tolerance)
     return Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
                 slots_per_rank=S)

@@ -145,3 +145,13 @@ def layer_time(rank_load_R: np.ndarray, move: Movement | None, topo: Topology, e
         a2a_R = a2a_R + move.inter_bytes_R / hw.internode_bytes_s
         exposed = max(0.0, float(move.intra_bytes_R.max()) / hw.nvlink_bytes_s - float(compute_R.mean()))
     return float(compute_R.max() + a2a_R.max() + exposed)
+
+
+def move_cost_tokens(topo: Topology, expert: ExpertShape, hw: Hardware = H100) -> float:
+    """Token slots of expert work (compute + all-to-all) that take as long as one NVLink weight copy:
+    below this, moving an expert to even out a rank costs more than it saves."""
+    R, G = topo.num_ranks, topo.ranks_per_node
+    token_bytes = expert.hidden * expert.bytes_per_value
+    per_slot_s = (3 * expert.flops_per_token / hw.flops
+                  + 4 * token_bytes * ((R - G) / R / hw.internode_bytes_s + G / R / hw.nvlink_bytes_s))
+    return expert.weight_bytes / hw.nvlink_bytes_s / per_slot_s
