@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dora.engines import experts
 from dora.engines.kv_cache import SlotCache
-from dora.engines.versions import LiveVersions, VersionWeights
+from dora.engines.versions import LayerWeights, LiveVersions, VersionWeights
 from dora.models import ops
 from dora.models.config import ModelConfig
 
@@ -123,7 +123,7 @@ class PackedForward:
             self.cache.write_routing(step.flat_N, torch.stack(routing, dim=1))
         h_RD = x_ND.index_select(0, step.sample_rows_R)
         logits_RV = _Rows(live.weights, step.sample_segments).apply(
-            h_RD, lambda w, x: F.linear(ops.rms_norm(x, w.final_norm_D, eps), w.lm_head_VD))
+            h_RD, lambda w, x: torch.mm(ops.rms_norm(x, w.final_norm_D, eps), w.lm_head_T))
         return logits_RV.float()
 
     # ------------------------------------------------------------------ blocks
@@ -132,7 +132,7 @@ class PackedForward:
                    cos_NDh: torch.Tensor, sin_NDh: torch.Tensor) -> torch.Tensor:
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         H, G = cfg.num_attention_heads, cfg.num_key_value_heads
-        qkv_NHD = rows.apply(h_ND, lambda w, x: F.linear(x, w.layers[i].qkv_weight, w.layers[i].qkv_bias)
+        qkv_NHD = rows.apply(h_ND, lambda w, x: _linear(x, w.layers[i].qkv_T, w.layers[i].qkv_bias)
                              ).unflatten(-1, (-1, cfg.head_dim))
         # Queries and keys go through norm and RoPE together: the same per-head math, half the ops.
         qk_NHD = qkv_NHD[:, :H + G]
@@ -157,7 +157,7 @@ class PackedForward:
                     out_NX[pre.rows] = self._prefill_attention(i, pre, q_NHD[pre.rows])
                 else:
                     out_NX.index_copy_(0, pre.rows, self._prefill_attention(i, pre, q_NHD.index_select(0, pre.rows)))
-        return rows.apply(out_NX, lambda w, x: F.linear(x, w.layers[i].o_weight, w.layers[i].o_bias))
+        return rows.apply(out_NX, lambda w, x: _linear(x, w.layers[i].o_T, w.layers[i].o_bias))
 
     def _decode_attention(self, i: int, dec: DecodeLayout, q_BHD: torch.Tensor) -> torch.Tensor:
         """One query per decode row against its slot's cached keys -> [B, H * Dh]."""
@@ -198,7 +198,7 @@ class PackedForward:
     def _moe(self, i: int, live: LiveVersions, rows: _Rows, step: StepInputs,
              h_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        router_logits_NE = rows.apply(h_ND, lambda w, x: F.linear(x, w.layers[i].router_ED))
+        router_logits_NE = rows.apply(h_ND, lambda w, x: torch.mm(x, w.layers[i].router_T))
         weights_NK, ids_NK = ops.route(router_logits_NE, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         # Several versions: version j's experts are rows [j * E, (j + 1) * E) of the stacked tensors.
         stacked_ids_NK = ids_NK if step.vidx_N is None else ids_NK + (step.vidx_N * cfg.num_experts)[:, None]
@@ -222,7 +222,12 @@ class _Rows:
         return torch.cat([fn(self.weights[j], x[a:b]) for j, a, b in self.segs if b > a])
 
 
-def _dense_mlp(x_ND: torch.Tensor, layer) -> torch.Tensor:
+def _linear(x_NI: torch.Tensor, w_IO: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:
+    """x @ w (+ bias) with the weight stored transposed ([in, out], see versions.LayerWeights)."""
+    return torch.mm(x_NI, w_IO) if bias_O is None else torch.addmm(bias_O, x_NI, w_IO)
+
+
+def _dense_mlp(x_ND: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
     """SwiGLU with gate and up fused into one matmul (same math as ops.dense_mlp)."""
-    gate_NF, up_NF = F.linear(x_ND, layer.mlp_gate_up_weight).chunk(2, dim=-1)
-    return F.linear(F.silu(gate_NF) * up_NF, layer.mlp_down_weight)
+    gate_NF, up_NF = torch.mm(x_ND, layer.mlp_gate_up_T).chunk(2, dim=-1)
+    return torch.mm(F.silu(gate_NF) * up_NF, layer.mlp_down_T)

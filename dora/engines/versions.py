@@ -26,25 +26,27 @@ from dora.models.config import ModelConfig
 
 @dataclass(slots=True)
 class LayerWeights:
+    """Matmul weights are stored transposed, [in, out] contiguous (`_T` names): `x @ w_T` through
+    torch.mm reads them without repacking, ~15-40% faster than F.linear for decode-sized batches."""
+
     input_norm_D: torch.Tensor
-    qkv_weight: torch.Tensor
-    """[(H + 2G) * Dh, D]: q, k and v projections fused into one matmul."""
+    qkv_T: torch.Tensor
+    """[D, (H + 2G) * Dh]: q, k and v projections fused into one matmul."""
     qkv_bias: torch.Tensor | None
-    o_weight: torch.Tensor
+    o_T: torch.Tensor
     o_bias: torch.Tensor | None
     qk_norm_HDh: torch.Tensor | None
     """[H + G, Dh]: the q_norm weight for each query head, then the k_norm weight for each kv head,
     so queries and keys are normalised in one call (the same per-head RMSNorm)."""
     post_norm_D: torch.Tensor
-    router_ED: torch.Tensor | None
-    """MoE layers: router [E, D]; the experts live stacked across versions in `LiveVersions`."""
+    router_T: torch.Tensor | None
+    """MoE layers: router [D, E]; the experts live stacked across versions in `LiveVersions`."""
     gate_up_EDF: torch.Tensor | None
-    """Experts' gate/up [E, D, 2I], stored transposed (contiguous) so the expert matmuls read them
-    without a transpose; `.transpose(1, 2)` gives the state_dict layout [E, 2I, D] back as a view."""
+    """Experts' gate/up [E, D, 2I] (the state_dict's [E, 2I, D] transposed, contiguous)."""
     down_EID: torch.Tensor | None
-    mlp_gate_up_weight: torch.Tensor | None
-    """Dense layers: [2F, D] gate and up fused."""
-    mlp_down_weight: torch.Tensor | None
+    mlp_gate_up_T: torch.Tensor | None
+    """Dense layers: [D, 2F] gate and up fused."""
+    mlp_down_T: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -52,7 +54,8 @@ class VersionWeights:
     version: int
     embed_VD: torch.Tensor
     final_norm_D: torch.Tensor
-    lm_head_VD: torch.Tensor
+    lm_head_T: torch.Tensor
+    """[D, V] (a transposed copy even when tied to the embeddings)."""
     layers: list[LayerWeights]
 
 
@@ -127,32 +130,34 @@ def prepare_version(cfg: ModelConfig, version: int, weights: Mapping[str, torch.
     def opt(name: str) -> torch.Tensor | None:
         return get(name) if name in weights else None
 
+    def get_T(name: str) -> torch.Tensor:
+        return get(name).t().contiguous()
+
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        qkv_weight = torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"])
         qkv_bias = torch.cat([get(a + f"{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
         moe = cfg.is_moe_layer(i)
         layers.append(LayerWeights(
             input_norm_D=get(p + "input_layernorm.weight"),
-            qkv_weight=qkv_weight, qkv_bias=qkv_bias,
-            o_weight=get(a + "o_proj.weight"), o_bias=opt(a + "o_proj.bias"),
+            qkv_T=torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"]).t().contiguous(), qkv_bias=qkv_bias,
+            o_T=get_T(a + "o_proj.weight"), o_bias=opt(a + "o_proj.bias"),
             qk_norm_HDh=torch.cat([get(a + "q_norm.weight").expand(cfg.num_attention_heads, -1),
                                    get(a + "k_norm.weight").expand(cfg.num_key_value_heads, -1)])
             if cfg.qk_norm else None,
             post_norm_D=get(p + "post_attention_layernorm.weight"),
-            router_ED=get(p + "mlp.gate.weight") if moe else None,
+            router_T=get_T(p + "mlp.gate.weight") if moe else None,
             gate_up_EDF=get(p + "mlp.experts.gate_up_proj").transpose(1, 2).contiguous() if moe else None,
             down_EID=get(p + "mlp.experts.down_proj").transpose(1, 2).contiguous() if moe else None,
-            mlp_gate_up_weight=None if moe else torch.cat([get(p + "mlp.gate_proj.weight"),
-                                                           get(p + "mlp.up_proj.weight")]),
-            mlp_down_weight=None if moe else get(p + "mlp.down_proj.weight"),
+            mlp_gate_up_T=None if moe else torch.cat([get(p + "mlp.gate_proj.weight"),
+                                                      get(p + "mlp.up_proj.weight")]).t().contiguous(),
+            mlp_down_T=None if moe else get_T(p + "mlp.down_proj.weight"),
         ))
     embed = get("model.embed_tokens.weight")
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
     return VersionWeights(version=version, embed_VD=embed, final_norm_D=get("model.norm.weight"),
-                          lm_head_VD=embed if tied else get("lm_head.weight"), layers=layers)
+                          lm_head_T=(embed if tied else get("lm_head.weight")).t().contiguous(), layers=layers)
 
 
 @dataclass(slots=True, frozen=True)
