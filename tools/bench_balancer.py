@@ -30,13 +30,23 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from dora.moe import cost_model  # noqa: E402
-from dora.moe.balancer import BalancerConfig, contiguous_plan, place_nodes, plan_microbatch  # noqa: E402
-from dora.moe.baselines import EplbHistory, eplb_placement, even_split_plan  # noqa: E402
-from dora.moe.plan import Plan, Topology, imbalance  # noqa: E402
-from dora.moe.traces import TraceConfig, counts_from_ids, record_engine_trace, synthetic_counts  # noqa: E402
+from dora.moe import cost_model
+from dora.moe.balancer import (
+    BalancerConfig,
+    contiguous_plan,
+    place_nodes,
+    plan_microbatch,
+)
+from dora.moe.baselines import EplbHistory, eplb_placement, even_split_plan
+from dora.moe.plan import Plan, Topology, imbalance
+from dora.moe.traces import (
+    TraceConfig,
+    counts_from_ids,
+    record_engine_trace,
+    synthetic_counts,
+)
 
 POLICIES = ("none", "eplb_history", "eplb_oracle_step", "dora", "dora_cross_node", "ideal")
 
@@ -110,13 +120,13 @@ class Timing:
         return (np.asarray(self.microbatch) + np.asarray(self.placement) / microbatches_per_step) * 1e3
 
 
-def _timed(fn, repeats: int):
+def _timed(repeats: int, fn, *args, **kwargs):
     """(result, seconds): the fastest of `repeats` runs (the machine is shared; the minimum is the
     least disturbed). Every run computes the same deterministic plan."""
     best, out = float("inf"), None
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(*args, **kwargs)
         best = min(best, time.perf_counter() - t0)
     return out, best
 
@@ -142,12 +152,11 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
             plans["eplb_history"].append([even_split_plan(c, hist, topo) for c in c_ME])
             oracle = eplb_placement(c_ME.sum(0), topo)
             plans["eplb_oracle_step"].append([even_split_plan(c, oracle, topo) for c in c_ME])
-            placement, t_place = _timed(lambda: place_nodes(c_ME, topo), timing_repeats)
+            placement, t_place = _timed(timing_repeats, place_nodes, c_ME, topo)
             layer_plans, cross_plans = [], []
             prev, prev_cross = last["dora"][layer], last["dora_cross_node"][layer]
             for c in c_ME:
-                plan, t_plan = _timed(lambda: plan_microbatch(c, placement, topo, config=dora_intra, prev=prev),
-                                      timing_repeats)
+                plan, t_plan = _timed(timing_repeats, plan_microbatch, c, placement, topo, config=dora_intra, prev=prev)
                 prev = plan
                 if timing is not None and measured:
                     timing.placement.append(t_place)

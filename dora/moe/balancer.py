@@ -4,27 +4,33 @@ With routing replay (DESIGN.md, "MoE, routing replay, balancing") the trainer kn
 runs, how many token slots every expert receives in every micro-batch and layer. The balancer turns
 those counts into `Plan`s (`dora.moe.plan`) at two levels:
 
-1. **Per step, across nodes** (`place_nodes`, inter-batch). Every expert is given a node (and an
-   owner rank in it, which keeps its optimizer state and receives its gradients). Experts go
-   heaviest first, in rounds of one expert per node; inside a round each expert takes the free node
-   whose *peak over the step's micro-batches* grows least. Two experts hot in the same micro-batches
-   therefore land on different nodes, and each node's load stays near the mean in every micro-batch.
-   Moving an expert to another node crosses the slow link, so this happens once per step.
+1. **Per step, across nodes** (`place_nodes`, inter-batch). Every expert gets a node (and an owner
+   rank in it, which keeps its optimizer state). A vector greedy places experts heaviest first on
+   the node whose *peak over the step's micro-batches* grows least (loads as shares of each
+   micro-batch's mean, so every micro-batch counts alike), then a few exchanges between the peak
+   node and the lightest node of the peak micro-batch lower that peak further. Experts hot in the
+   same micro-batches thus land on different nodes and every node stays near the mean in every
+   micro-batch. An expert heavier than a rank fills whole ranks of its node, so node budgets count
+   such experts as several slots. Moving an expert between nodes crosses the slow link: once a step.
 2. **Per micro-batch, inside each node** (`plan_microbatch`, intra-batch). The node's experts are
-   packed onto its ranks with a wrap-around fill at the node's level (its mean load, rounded up):
-   a rank takes the heaviest remaining expert, then light ones while they fit, and its last free
-   slot takes a piece of the next heaviest expert that tops the rank up to exactly the level; the
-   rest of that expert becomes a replica on the next rank. Hot experts thus get as many replicas
-   as their load needs, each with its own (uneven) token quota, planned together with the
-   placement. Copies move over NVLink, which the cost model shows is hidden behind compute.
+   packed onto its ranks by longest-processing-time first with splitting: the heaviest remaining
+   piece goes to the lightest rank; if it would lift that rank above the node's level (its mean,
+   rounded up) and a slot is left for the rest, the rank takes exactly up to the level and the rest
+   is queued as another replica. A repair pass then moves load off ranks still above the level into
+   free slots (directly, or by swapping a small piece out of a full rank), and every replicated
+   expert's tokens are water-filled over its copies' ranks. So replicas and their (uneven) token
+   quotas are planned together with the placement; an even split over a fixed placement is what
+   EPLB does. Experts prefer the rank they held in the previous micro-batch when that costs less
+   than a weight copy (`sticky`, `move_cost_tokens`). Copies move over NVLink, and the cost model
+   charges what compute does not hide.
    `cross_node=True` first hands the excess of nodes above the global mean to replicas in nodes
-   below it (weights cross the inter-node link, priced by the cost model).
+   below it, preferring experts that already have a copy there (weights cross the inter-node link,
+   priced by the cost model).
 
-If a node's pieces do not fit its slots at the level (few spare slots), the level is raised; as a
-last resort its experts are packed whole (longest-processing-time first), which always fits
-because a node never owns more experts than slots.
+Loops in Python run over ranks, nodes and the pieces of one node (a few dozen); per-expert work is
+numpy. Deterministic: ties break on the lowest index.
 
-Shape legend: M micro-batches of a step, E experts, R ranks, G ranks per node, P physical slots.
+Shape legend: M micro-batches of a step, E experts, R ranks, G ranks per node, N nodes, P slots.
 """
 
 from __future__ import annotations
@@ -190,164 +196,151 @@ def contiguous_plan(counts_E: np.ndarray, topo: Topology) -> Plan:
     return Plan(phys_to_log=phys_to_log, quota=quota, home=home, slots_per_rank=topo.slots_per_rank)
 
 
-def _replicate(items: list[list[int]], extra: int, max_copies: int) -> list[int]:
-    """Replica counts per item: `extra` copies added one at a time to the item with the most load per
-    copy (ties to the earlier item), at most `max_copies` (one per rank) each."""
-    copies = [1] * len(items)
-    heap = [(-load, i) for i, (load, _) in enumerate(items) if load > 0 and max_copies > 1]
-    heapq.heapify(heap)
-    for _ in range(extra):
-        if not heap:
-            break
-        _, i = heapq.heappop(heap)
-        copies[i] += 1
-        if copies[i] < max_copies:
-            heapq.heappush(heap, (-(items[i][0] / copies[i]), i))
-    return copies
+class _NodePack:
+    """One node's packing for one micro-batch: pieces of its items ([load, expert]) on its ranks'
+    slots. Loads are float token slots until `write` rounds them to whole tokens."""
 
+    __slots__ = ("S", "amount", "items", "level", "rank_load", "ranks", "slots_of", "used")
 
-def _pack_node(items: list[list[int]], ranks: range, S: int, phys_to_log: np.ndarray, quota: np.ndarray,
-               sweeps: int, prefer: dict[int, list[int]], tolerance: float) -> None:
-    """Pack one node's items ([load, expert]) onto its ranks' slots, splitting into replicas as the
-    level needs. Needs len(items) <= len(ranks) * S.
+    def __init__(self, items: list[list[int]], ranks: range, S: int) -> None:
+        self.items, self.ranks, self.S = items, ranks, S
+        self.level = -(-sum(load for load, _ in items) // len(ranks))
+        self.rank_load = dict.fromkeys(ranks, 0.0)
+        self.used = dict.fromkeys(ranks, 0)
+        self.slots_of: list[list[int]] = [[] for _ in items]
+        self.amount: dict[int, float] = {}
 
-    LPT with splitting: the heaviest remaining piece goes to the lightest rank (not holding that
-    expert yet); if it would lift the rank above the node's level and a spare slot is left for the
-    remainder, the rank takes exactly up to the level and the rest goes back into the queue as a
-    further replica. A piece goes to a rank in `prefer[expert]` (where the expert was in the previous
-    micro-batch) when that rank is within `tolerance` token slots of the lightest.
-    """
-    level = -(-sum(load for load, _ in items) // len(ranks))
-    rank_list = list(ranks)
-    slots_left = len(ranks) * S
-    rank_load = dict.fromkeys(rank_list, 0.0)
-    used = dict.fromkeys(rank_list, 0)
-    slots_of: list[list[int]] = [[] for _ in items]
-    amount: dict[int, float] = {}
-    # The queue: items in their (descending) order, merged with a heap of split remainders.
-    remainders: list[tuple[float, int]] = []
-    nxt = 0
-    inf = float("inf")
-    while nxt < len(items) or remainders:
-        if remainders and (nxt == len(items) or -remainders[0][0] > items[nxt][0]):
-            neg_x, i = heapq.heappop(remainders)
-            x = -neg_x
-        else:
-            x, i = float(items[nxt][0]), nxt
-            nxt += 1
-        mine = slots_of[i]
-        holds = {s // S for s in mine} if mine else ()
-        rank, best = -1, inf
-        for r in rank_list:  # the lightest rank with a free slot, one copy per rank
-            if used[r] < S and rank_load[r] < best and r not in holds:
-                rank, best = r, rank_load[r]
-        for r in prefer.get(items[i][1], ()):
-            if r in used and used[r] < S and r not in holds and rank_load[r] <= best + tolerance:
-                rank, best = r, rank_load[r]
-                break
-        if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
-            slot = max(mine, key=lambda s: amount[s])
-            rank = slot // S
-            amount[slot] += x
-        else:
-            room = level - best
-            queued = len(items) - nxt + len(remainders)
-            # Split only if a slot stays free for every piece still queued plus the remainder.
-            if x > room > 0 and slots_left - 1 >= queued + 1:
-                heapq.heappush(remainders, (room - x, i))
-                x = room
-            slot = rank * S + used[rank]
-            used[rank] += 1
-            slots_left -= 1
-            mine.append(slot)
-            amount[slot] = x
-        rank_load[rank] += x
-    # Repair: slots still free after the queue ran dry take load off the most loaded rank, either
-    # directly (a new copy on a lighter rank with a free slot) or, when only the loaded rank has free
-    # slots, by a swap: a light rank's smallest piece moves to the loaded rank and its slot takes a
-    # new copy of the loaded rank's largest piece, with that piece's size plus the excess.
-    item_of = {slot: i for i, slots in enumerate(slots_of) for slot in slots}
-    for _ in range(len(ranks)):
-        top = max(ranks, key=lambda r: (rank_load[r], -r))
-        excess = rank_load[top] - level
-        if excess <= 0.5:
-            break
-        lows = sorted((r for r in ranks if rank_load[r] < level), key=lambda r: (rank_load[r], r))
-        done = False
-        for low in lows:
-            src = max((s for s in range(top * S, top * S + used[top])
-                       if all(t // S != low for t in slots_of[item_of[s]])), key=lambda s: (amount[s], -s), default=-1)
-            if src < 0:
-                continue
-            i, move = item_of[src], min(excess, level - rank_load[low])
-            if used[low] < S and amount[src] > 0:
-                move = min(move, amount[src])
-                slot = low * S + used[low]
-                used[low] += 1
-            elif used[top] < S:  # the swap: low's smallest piece j (not already on top) goes to top
-                js = [t for t in range(low * S, low * S + used[low])
-                      if all(u // S != top for u in slots_of[item_of[t]]) and item_of[t] != i]
-                if not js:
+    def _new_slot(self, rank: int, i: int, amount: float) -> int:
+        slot = rank * self.S + self.used[rank]
+        self.used[rank] += 1
+        self.slots_of[i].append(slot)
+        self.amount[slot] = amount
+        return slot
+
+    def fill(self, prefer: dict[int, list[int]], tolerance: float) -> None:
+        """LPT with splitting: the heaviest remaining piece goes to the lightest rank (not holding
+        that expert yet); if it would lift the rank above the level and a slot stays free for the
+        rest, the rank takes exactly up to the level and the rest is queued as another replica. A
+        piece goes to a rank in `prefer[expert]` (the expert's ranks in the previous micro-batch)
+        when that rank is within `tolerance` token slots of the lightest."""
+        items, S, rank_load, used = self.items, self.S, self.rank_load, self.used
+        slots_left = len(self.ranks) * S
+        remainders: list[tuple[float, int]] = []  # split-off rests, merged with the sorted items
+        nxt, inf = 0, float("inf")
+        while nxt < len(items) or remainders:
+            if remainders and (nxt == len(items) or -remainders[0][0] > items[nxt][0]):
+                neg_x, i = heapq.heappop(remainders)
+                x = -neg_x
+            else:
+                x, i = float(items[nxt][0]), nxt
+                nxt += 1
+            mine = self.slots_of[i]
+            holds = {s // S for s in mine} if mine else ()
+            rank, best = -1, inf
+            for r in self.ranks:  # the lightest rank with a free slot, one copy per rank
+                if used[r] < S and rank_load[r] < best and r not in holds:
+                    rank, best = r, rank_load[r]
+            for r in prefer.get(items[i][1], ()):
+                if r in used and used[r] < S and r not in holds and rank_load[r] <= best + tolerance:
+                    rank, best = r, rank_load[r]
+                    break
+            if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
+                slot = max(mine, key=lambda s: self.amount[s])
+                rank = slot // S
+                self.amount[slot] += x
+            else:
+                room = self.level - best
+                queued = len(items) - nxt + len(remainders)
+                if x > room > 0 and slots_left - 1 >= queued + 1:
+                    heapq.heappush(remainders, (room - x, i))
+                    x = room
+                self._new_slot(rank, i, x)
+                slots_left -= 1
+            rank_load[rank] += x
+
+    def repair(self) -> None:
+        """Take load off ranks still above the level: into a free slot of a lighter rank (a new copy
+        of the loaded rank's largest piece), or, when only the loaded rank has free slots, by a swap:
+        a light rank's smallest piece moves to the loaded rank and its slot takes the new copy."""
+        S, rank_load, used, amount, slots_of = self.S, self.rank_load, self.used, self.amount, self.slots_of
+        item_of = {slot: i for i, slots in enumerate(slots_of) for slot in slots}
+        for _ in range(len(self.ranks)):
+            top = max(self.ranks, key=lambda r: (rank_load[r], -r))
+            excess = rank_load[top] - self.level
+            if excess <= 0.5:
+                return
+            moved = False
+            for low in sorted((r for r in self.ranks if rank_load[r] < self.level), key=lambda r: (rank_load[r], r)):
+                src = max((s for s in range(top * S, top * S + used[top])
+                           if all(t // S != low for t in slots_of[item_of[s]])),
+                          key=lambda s: (amount[s], -s), default=-1)
+                if src < 0:
                     continue
-                slot = min(js, key=lambda t: (amount[t], t))
-                j = item_of[slot]
-                if amount[src] < amount[slot] + move:
+                i, move = item_of[src], min(excess, self.level - rank_load[low])
+                if used[low] < S and amount[src] > 0:
+                    move = min(move, amount[src])
+                    item_of[self._new_slot(low, i, move)] = i
+                    amount[src] -= move
+                elif used[top] < S:
+                    swappable = [t for t in range(low * S, low * S + used[low])
+                                 if item_of[t] != i and all(u // S != top for u in slots_of[item_of[t]])]
+                    if not swappable:
+                        continue
+                    slot = min(swappable, key=lambda t: (amount[t], t))
+                    j, small = item_of[slot], amount[slot]
+                    if amount[src] < small + move:
+                        continue
+                    new = top * S + used[top]  # j's piece moves to top ...
+                    used[top] += 1
+                    slots_of[j][slots_of[j].index(slot)] = new
+                    item_of[new], amount[new] = j, small
+                    slots_of[i].append(slot)  # ... and its slot on `low` takes i's new copy
+                    item_of[slot], amount[slot] = i, small + move
+                    amount[src] -= small + move
+                else:
                     continue
-                small = amount[slot]
-                new = top * S + used[top]
-                used[top] += 1
-                slots_of[j][slots_of[j].index(slot)] = new
-                item_of[new], amount[new] = j, small
-                slots_of[i].append(slot)
-                item_of[slot], amount[slot] = i, small + move
-                amount[src] -= small + move
                 rank_load[top] -= move
                 rank_load[low] += move
-                done = True
+                moved = True
                 break
-            else:
+            if not moved:
+                return
+
+    def level_replicas(self, sweeps: int) -> None:
+        """Water-fill each replicated item's tokens over its copies' ranks (the other items held
+        fixed), heaviest first, for `sweeps` passes: the uneven quotas."""
+        S, rank_load, amount = self.S, self.rank_load, self.amount
+        multi = [i for i, slots in enumerate(self.slots_of) if len(slots) > 1]
+        for _ in range(sweeps if multi else 0):
+            for i in multi:
+                base = sorted((rank_load[s // S] - amount[s], s) for s in self.slots_of[i])
+                total, acc, fill = float(self.items[i][0]), 0.0, 0.0
+                for j, (b, _) in enumerate(base):
+                    acc += b
+                    fill = (total + acc) / (j + 1)
+                    if j + 1 == len(base) or fill <= base[j + 1][0]:
+                        break
+                for b, s in base:
+                    amount[s] = max(0.0, fill - b)
+                    rank_load[s // S] = b + amount[s]
+
+    def write(self, phys_to_log: np.ndarray, quota: np.ndarray) -> None:
+        """Whole token counts into the plan: copies get the floor of their share, the largest copy
+        the rest, so an expert's quotas sum exactly to its count."""
+        out_slots, out_experts, out_quota = [], [], []
+        for (item_load, expert), slots in zip(self.items, self.slots_of):
+            if len(slots) == 1:
+                out_slots.append(slots[0])
+                out_experts.append(expert)
+                out_quota.append(item_load)
                 continue
-            slots_of[i].append(slot)
-            item_of[slot] = i
-            amount[slot] = move
-            amount[src] -= move
-            rank_load[top] -= move
-            rank_load[low] += move
-            done = True
-            break
-        if not done:
-            break
-    # Uneven quotas: each replicated item's tokens are water-filled over its copies' ranks (the
-    # other items held fixed), heaviest first, for a few sweeps.
-    multi = [i for i in range(len(items)) if len(slots_of[i]) > 1]
-    for _ in range(sweeps if multi else 0):
-        for i in multi:
-            base = sorted((rank_load[s // S] - amount[s], s) for s in slots_of[i])
-            total, acc, fill = float(items[i][0]), 0.0, 0.0
-            for j, (b, _) in enumerate(base):
-                acc += b
-                fill = (total + acc) / (j + 1)
-                if j + 1 == len(base) or fill <= base[j + 1][0]:
-                    break
-            for b, s in base:
-                amount[s] = max(0.0, fill - b)
-                rank_load[s // S] = b + amount[s]
-    # Whole token counts: copies get the floor of their share, the largest copy the rest.
-    out_slots, out_experts, out_quota = [], [], []
-    for i, (item_load, expert) in enumerate(items):
-        slots = slots_of[i]
-        if len(slots) == 1:
-            out_slots.append(slots[0])
-            out_experts.append(expert)
-            out_quota.append(item_load)
-            continue
-        whole = [int(amount[s]) for s in slots]
-        whole[max(range(len(slots)), key=lambda j: amount[slots[j]])] += item_load - sum(whole)
-        out_slots.extend(slots)
-        out_experts.extend([expert] * len(slots))
-        out_quota.extend(whole)
-    phys_to_log[out_slots] = out_experts
-    quota[out_slots] = out_quota
+            whole = [int(self.amount[s]) for s in slots]
+            whole[max(range(len(slots)), key=lambda j: self.amount[slots[j]])] += item_load - sum(whole)
+            out_slots.extend(slots)
+            out_experts.extend([expert] * len(slots))
+            out_quota.extend(whole)
+        phys_to_log[out_slots] = out_experts
+        quota[out_slots] = out_quota
 
 
 def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topology, *,
@@ -382,7 +375,11 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     quota = np.zeros(topo.num_slots, dtype=np.int64)
     for n, items in enumerate(items_by_node):
         tolerance = max(config.sticky * sum(load for load, _ in items) / G, config.move_cost_tokens)
-        _pack_node(items, range(n * G, (n + 1) * G), S, phys_to_log, quota, config.sweeps, prefer, tolerance)
+        pack = _NodePack(items, range(n * G, (n + 1) * G), S)
+        pack.fill(prefer, tolerance)
+        pack.repair()
+        pack.level_replicas(config.sweeps)
+        pack.write(phys_to_log, quota)
     return Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
                 slots_per_rank=S)
 

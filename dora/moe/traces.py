@@ -240,7 +240,7 @@ def load_trace(path: str | Path) -> RoutingTrace:
             raise ValueError(f"{path}: a routing trace needs num_experts, tokens_per_microbatch and ids_TLK "
                              f"or counts_MLE; found {sorted(data.files)}")
         E, tpm = int(data["num_experts"]), int(data["tokens_per_microbatch"])
-        ids = data["ids_TLK"] if "ids_TLK" in data else None
+        ids = data.get("ids_TLK")
         counts = counts_from_ids(ids, E, tpm) if ids is not None else data["counts_MLE"].astype(np.int64)
     if counts.ndim != 3 or counts.shape[-1] != E:
         raise ValueError(f"{path}: counts must be [micro-batches, layers, {E}], got {list(counts.shape)}")

@@ -10,7 +10,13 @@ import torch.distributed as dist
 
 from dora.models.config import ModelConfig
 from dora.models.model import MoEBlock
-from dora.moe.balancer import BalancerConfig, contiguous_placement, contiguous_plan, place_nodes, plan_microbatch
+from dora.moe.balancer import (
+    BalancerConfig,
+    contiguous_placement,
+    contiguous_plan,
+    place_nodes,
+    plan_microbatch,
+)
 from dora.moe.expert_parallel import ExpertParallelMoE
 from dora.moe.plan import Topology
 

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dora.moe.balancer import Balancer, BalancerConfig, contiguous_plan, place_nodes, plan_microbatch
+from dora.moe.balancer import (
+    Balancer,
+    BalancerConfig,
+    contiguous_plan,
+    place_nodes,
+    plan_microbatch,
+)
 from dora.moe.baselines import EplbHistory, eplb_placement, even_split_plan
 from dora.moe.plan import Plan, Topology, assign_tokens, imbalance
 from dora.moe.traces import TraceConfig, synthetic_counts

@@ -10,8 +10,16 @@ from dora.models.config import ModelConfig
 from dora.moe import cost_model
 from dora.moe.balancer import contiguous_plan, place_nodes, plan_microbatch
 from dora.moe.plan import Topology
-from dora.moe.traces import (TraceConfig, counts_from_ids, expert_probabilities, load_trace, record_engine_trace,
-                             save_trace, synthetic_counts, synthetic_ids)
+from dora.moe.traces import (
+    TraceConfig,
+    counts_from_ids,
+    expert_probabilities,
+    load_trace,
+    record_engine_trace,
+    save_trace,
+    synthetic_counts,
+    synthetic_ids,
+)
 
 SMALL = TraceConfig(num_experts=32, num_layers=3, top_k=4, tokens_per_microbatch=256, microbatches_per_step=4,
                     num_steps=2, num_hot=4, hot_share=0.3, hot_move_every=2)
