@@ -16,6 +16,7 @@ from dora.sync.shm import ShmChannel, cleanup_stale
 from dora.sync.torch_dist import TorchDistChannel
 
 __all__ = [
-    "CHANNELS", "ChecksumError", "InProcessChannel", "PublishReceipt", "RayChannel", "ReadMode", "ShmChannel", "SyncConfig",
-    "SyncReceiver", "SyncRole", "SyncTimeout", "TorchDistChannel", "WeightChannel", "build_channel", "cleanup_stale",
+    "CHANNELS", "ChecksumError", "InProcessChannel", "PublishReceipt", "RayChannel", "ReadMode", "ShmChannel",
+    "SyncConfig", "SyncReceiver", "SyncRole", "SyncTimeout", "TorchDistChannel", "WeightChannel", "build_channel",
+    "cleanup_stale",
 ]

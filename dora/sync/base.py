@@ -20,6 +20,7 @@ Rules shared by every channel (checked here, once, not in each channel):
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -89,7 +90,8 @@ class SyncConfig:
         try:
             torch.device(self.device)
         except RuntimeError:
-            raise ValueError(f"sync.device must be a torch device ('cpu', 'cuda', 'cuda:1'), got {self.device!r}") from None
+            raise ValueError(f"sync.device must be a torch device ('cpu', 'cuda', 'cuda:1'), "
+                             f"got {self.device!r}") from None
         if not self.name or "/" in self.name or not self.name.isprintable():
             raise ValueError(f"sync.name must be a non-empty file-name-safe string, got {self.name!r}")
 
@@ -194,8 +196,9 @@ class WeightChannel(ABC):
         return self._last_delivered
 
     def release(self, version: int) -> None:
-        """The reader no longer uses the tensors of `version`. Channels that recycle staging buffers
-        or pin shared memory override this; for the others there is nothing to give back."""
+        """The reader no longer uses the tensors of `version` (callable from any thread). Channels
+        that recycle staging buffers or pin shared memory override this; for the others there is
+        nothing to give back."""
 
     def close(self) -> None:
         """Free the channel's resources (idempotent)."""
@@ -220,7 +223,8 @@ class StagingPool:
     `release` so steady-state receives write into memory that is already faulted in.
 
     The pool remembers at most `max_tracked` unreleased versions: a reader that never calls
-    `release` only loses recycling (its tensors keep their memory alive), it never leaks."""
+    `release` only loses recycling (its tensors keep their memory alive), it never leaks.
+    Thread-safe: the engine may release from another thread than the receiver's."""
 
     def __init__(self, device: str, max_free: int = 2, max_tracked: int = 8) -> None:
         self.device = torch.device(device)
@@ -228,23 +232,26 @@ class StagingPool:
         self.max_tracked = max_tracked
         self._free: list[torch.Tensor] = []
         self._in_use: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     def acquire(self, version: int, nbytes: int) -> torch.Tensor:
-        for i, buf in enumerate(self._free):
-            if buf.numel() == nbytes:
-                del self._free[i]
-                break
-        else:
+        with self._lock:
+            buf = next((b for b in self._free if b.numel() == nbytes), None)
+            if buf is not None:
+                self._free.remove(buf)
+        if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self._in_use[version] = buf
-        while len(self._in_use) > self.max_tracked:
-            del self._in_use[next(iter(self._in_use))]  # oldest: never recycled, owned by the reader
+        with self._lock:
+            self._in_use[version] = buf
+            while len(self._in_use) > self.max_tracked:
+                del self._in_use[next(iter(self._in_use))]  # oldest: never recycled, owned by the reader
         return buf
 
     def release(self, version: int) -> None:
-        buf = self._in_use.pop(version, None)
-        if buf is not None and len(self._free) < self.max_free:
-            self._free.append(buf)
+        with self._lock:
+            buf = self._in_use.pop(version, None)
+            if buf is not None and len(self._free) < self.max_free:
+                self._free.append(buf)
 
 
 def build_channel(config: SyncConfig, role: SyncRole | str, **kwargs: object) -> WeightChannel:

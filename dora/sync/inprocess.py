@@ -36,7 +36,8 @@ class InProcessChannel(WeightChannel):
 
     def _publish(self, version: int, weights: Mapping[str, torch.Tensor], step: int) -> int:
         if self.copy:
-            owned = {name: t.detach().to(self._device, copy=True, memory_format=torch.contiguous_format) for name, t in weights.items()}
+            owned = {name: t.detach().to(self._device, copy=True, memory_format=torch.contiguous_format)
+                     for name, t in weights.items()}
         else:
             owned = {name: t.detach() for name, t in weights.items()}
         pv = PolicyVersion(version=version, weights=owned, step=step)

@@ -167,6 +167,7 @@ class _Segment:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self.fd = fd
+        self.thread_lock = threading.Lock()
         # MAP_POPULATE maps every page now, so the first copy into or out of a slot does not pay
         # a page fault per 4 KiB.
         self.mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
@@ -190,11 +191,14 @@ class _Segment:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        # flock excludes other open files (processes, other channel objects); threads sharing this
+        # one (a receiver thread and an engine calling `release`) need the thread lock as well.
+        with self.thread_lock:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self.slots = []

@@ -52,7 +52,8 @@ class TorchDistChannel(WeightChannel):
             raise ValueError(f"torch_dist: need 0 <= rank ({rank}), src ({src}) < world_size ({world_size})")
         expected = SyncRole.writer if rank == src else SyncRole.reader
         if self.role != expected:
-            raise ValueError(f"torch_dist: rank {rank} must be a {expected.value} (src={src}), got role {self.role.value}")
+            raise ValueError(f"torch_dist: rank {rank} must be a {expected.value} (src={src}), "
+                             f"got role {self.role.value}")
         url = urlparse(init_method)
         if url.scheme != "tcp" or not url.hostname or not url.port:
             raise ValueError(f"torch_dist: init_method must look like 'tcp://host:port', got {init_method!r}")
