@@ -51,8 +51,8 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def _exchange_counts(send_W: list[int], group) -> list[int]:
-    send = torch.tensor(send_W, dtype=torch.int64)
+def _exchange_counts(send_W: list[int], group, device: torch.device) -> list[int]:
+    send = torch.tensor(send_W, dtype=torch.int64, device=device)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     return recv.tolist()
@@ -83,21 +83,29 @@ def ep_moe_experts(
     if owned_gate_up_OFD.shape[0] != len(mine):
         raise ValueError(f"rank {rank} owns {len(mine)} experts but was given {owned_gate_up_OFD.shape[0]}")
 
+    # Collectives run on the activations' device (NCCL needs CUDA tensors); plans and index
+    # arithmetic stay in numpy on the host.
+    device = x_ND.device
+
+    def on_device(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     # 1. Token slots -> replicas, in global token order.
     flat = ids_NK.reshape(-1).cpu().numpy().astype(np.int64)
-    local_counts = torch.from_numpy(np.bincount(flat, minlength=num_experts))
-    all_counts = [torch.empty_like(local_counts) for _ in range(world)]
-    dist.all_gather(all_counts, local_counts, group=group)
-    offset_E = torch.stack(all_counts[:rank]).sum(0).numpy() if rank else np.zeros(num_experts, dtype=np.int64)
+    local_counts_E = np.bincount(flat, minlength=num_experts)
+    all_counts = [torch.empty(num_experts, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(all_counts, on_device(local_counts_E), group=group)
+    offset_E = (torch.stack(all_counts[:rank]).sum(0).cpu().numpy() if rank
+                else np.zeros(num_experts, dtype=np.int64))
     order = np.argsort(flat, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(local_counts.numpy())[:-1]))
+    starts = np.concatenate(([0], np.cumsum(local_counts_E)[:-1]))
     index_in_expert = np.empty_like(flat)
     index_in_expert[order] = np.arange(len(flat)) - starts[flat[order]] + offset_E[flat[order]]
     phys = replica_of(plan, flat, index_in_expert)
     dest = phys // S
     send_order = np.lexsort((np.arange(len(flat)), dest))
     send_counts = np.bincount(dest, minlength=world).tolist()
-    recv_counts = _exchange_counts(send_counts, group)
+    recv_counts = _exchange_counts(send_counts, group, device)
 
     # 2. Slot weights from their owners (reverse exchange carries replica gradients home).
     my_slots = np.arange(rank * S, (rank + 1) * S)
@@ -111,31 +119,31 @@ def ep_moe_experts(
         w_send_counts.append(len(experts_d))
     here_experts = plan.phys_to_log[used_here]
     w_recv_counts = np.bincount(owner_E[here_experts], minlength=world).tolist()
-    send_idx = torch.from_numpy(np.concatenate(w_send_idx).astype(np.int64))
+    send_idx = on_device(np.concatenate(w_send_idx).astype(np.int64))
     gate_up_rows = all_to_all(owned_gate_up_OFD[send_idx].flatten(1), w_recv_counts, w_send_counts, group)
     down_rows = all_to_all(owned_down_ODI[send_idx].flatten(1), w_recv_counts, w_send_counts, group)
     # Received rows come by owner rank, each owner's in slot order: put them back in slot order.
     by_owner = np.lexsort((used_here, owner_E[here_experts]))
     slot_of_row = np.empty(len(used_here), dtype=np.int64)
     slot_of_row[by_owner] = np.arange(len(used_here))
-    gate_up_SFD = gate_up_rows[torch.from_numpy(slot_of_row)].view(-1, *owned_gate_up_OFD.shape[1:])
-    down_SDI = down_rows[torch.from_numpy(slot_of_row)].view(-1, *owned_down_ODI.shape[1:])
+    gate_up_SFD = gate_up_rows[on_device(slot_of_row)].view(-1, *owned_gate_up_OFD.shape[1:])
+    down_SDI = down_rows[on_device(slot_of_row)].view(-1, *owned_down_ODI.shape[1:])
 
     # 3. Tokens to replicas, experts, and back.
     K = ids_NK.shape[1]
-    token_of_slot = torch.from_numpy(send_order // K)
+    token_of_slot = on_device(send_order // K)
     x_send = x_ND[token_of_slot]
     x_recv = all_to_all(x_send, recv_counts, send_counts, group)
-    slot_send = torch.from_numpy(phys[send_order] - 0)
-    slot_recv = torch.empty(sum(recv_counts), dtype=torch.int64)
+    slot_send = on_device(phys[send_order])
+    slot_recv = torch.empty(sum(recv_counts), dtype=torch.int64, device=device)
     dist.all_to_all_single(slot_recv, slot_send, recv_counts, send_counts, group=group)
     compact = np.full(world * S, -1, dtype=np.int64)
     compact[used_here] = np.arange(len(used_here))
-    local_ids = torch.from_numpy(compact[slot_recv.numpy()]).unsqueeze(1)
-    ones = torch.ones(local_ids.shape, dtype=x_ND.dtype)
+    local_ids = on_device(compact[slot_recv.cpu().numpy()]).unsqueeze(1)
+    ones = torch.ones(local_ids.shape, dtype=x_ND.dtype, device=device)
     y_recv = ops.moe_experts(x_recv, local_ids, ones, gate_up_SFD, down_SDI) if len(used_here) else x_recv * 0
     y_back = all_to_all(y_recv, send_counts, recv_counts, group)
-    w_flat = weights_NK.reshape(-1)[torch.from_numpy(send_order)].to(x_ND.dtype)
+    w_flat = weights_NK.reshape(-1)[on_device(send_order)].to(x_ND.dtype)
     return torch.zeros_like(x_ND).index_add(0, token_of_slot, y_back * w_flat[:, None])
 
 
