@@ -17,8 +17,7 @@ Rewards stay in the driver: `RewardPool` already runs user rewards in killable w
 off the event loop, so an actor would only add a hop.
 
 Threads: every engine actor sets `torch.set_num_threads(runtime.engine_threads)`, the trainer actor
-`runtime.trainer_threads`, the driver (eval engine) `runtime.engine_threads`; OMP_NUM_THREADS
-follows. Actors request fractional CPUs (`runtime.ray_engine_cpus`, `runtime.ray_trainer_cpus`),
+`runtime.trainer_threads`, the driver (eval engine) `runtime.engine_threads`. Actors request fractional CPUs (`runtime.ray_engine_cpus`, `runtime.ray_trainer_cpus`),
 checked against the cluster before anything starts, so a 2-core machine never waits for CPUs.
 
 Running a recipe:
@@ -223,11 +222,11 @@ def ray_sync_config(cfg: RunConfig) -> SyncConfig:
     return dataclasses.replace(cfg.sync, channel=channel, name=f"{cfg.sync.name}-{uuid.uuid4().hex[:12]}")
 
 
-def _actor_env(num_threads: int) -> dict[str, Any]:
-    env = {"OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads),
-           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    return {"env_vars": env}
+def _job_env() -> dict[str, Any]:
+    """Environment of a local cluster's workers. Thread counts are not here: each actor calls
+    `torch.set_num_threads` itself (Ray already sets OMP_NUM_THREADS from the CPUs it requests)."""
+    return {"env_vars": {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "HF_HUB_OFFLINE": "1",
+                         "TOKENIZERS_PARALLELISM": "false"}}
 
 
 def _check_cpus(cfg: RunConfig) -> None:
@@ -260,10 +259,10 @@ def build_ray_stages(cfg: RunConfig, sync: SyncConfig, actors: RayActors, timing
     _check_cpus(cfg)
     torch.set_num_threads(rt.engine_threads)
     torch.manual_seed(cfg.seed)
-    trainer_cls = ray.remote(TrainerActor).options(num_cpus=rt.ray_trainer_cpus, max_restarts=0,
-                                                    runtime_env=_actor_env(rt.trainer_threads))
+    # No per-actor runtime_env: such actors need workers of their own (~2 s more start-up here).
+    trainer_cls = ray.remote(TrainerActor).options(num_cpus=rt.ray_trainer_cpus, max_restarts=0)
     engine_cls = ray.remote(concurrency_groups=ENGINE_CONCURRENCY_GROUPS)(EngineActor).options(
-        num_cpus=rt.ray_engine_cpus, max_restarts=0, runtime_env=_actor_env(rt.engine_threads))
+        num_cpus=rt.ray_engine_cpus, max_restarts=0)
     # Processes start in parallel: the engines import torch while the trainer builds the model.
     actors.trainer = trainer_cls.remote(cfg, sync)
     actors.engines = [engine_cls.remote(engine_config(cfg, i), sync, rt.engine_threads) for i in range(rt.num_engines)]
@@ -289,7 +288,7 @@ def init_ray(cfg: RunConfig) -> bool:
     if cfg.runtime.ray_address:
         ray.init(address=cfg.runtime.ray_address, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=_job_env())
     return True
 
 
