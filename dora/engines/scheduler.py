@@ -76,6 +76,21 @@ class StepPlan:
     num_fed: int
 
 
+def _split_long(seqs: list[SeqState], num_slots: int) -> tuple[int, list[SeqState]]:
+    """Decode attention reads keys [0, Lk) of every slot in the view, so one long sequence would make
+    all slots read its length. Pick Lk minimising the keys read: slots longer than Lk are served by a
+    second attention call over their own (gathered, so counted twice) keys. -> (Lk, long sequences)."""
+    lengths = sorted(s.length for s in seqs)
+    longest = lengths[-1]
+    best_keys, best_cost = longest, num_slots * longest
+    for j, keys in enumerate(lengths[:-1]):
+        num_long = len(lengths) - j - 1
+        cost = num_slots * keys + 2 * num_long * longest
+        if cost < best_cost and lengths[j + 1] > keys:
+            best_keys, best_cost = keys, cost
+    return best_keys, [s for s in seqs if s.length > best_keys]
+
+
 class Scheduler:
     def __init__(self, cache: SlotCache, max_num_batched_tokens: int, device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -184,19 +199,29 @@ class Scheduler:
         slots = [s.slot for s in seqs]
         num_slots = max(slots) + 1
         identity = num_slots == len(slots) and rows[-1] == len(rows) - 1 and slots == list(range(num_slots))
-        pos_S = [0] * num_slots
+        num_keys, long_seqs = _split_long(seqs, num_slots)
+        pos_S = [0] * num_slots  # slots without a decode row (or served by the long call) see key 0
         for s in seqs:
-            pos_S[s.slot] = s.length - 1
-        num_keys = max(pos_S) + 1
+            if s.length <= num_keys:
+                pos_S[s.slot] = s.length - 1
         dev = self.device
-        pos_S1 = torch.tensor(pos_S, dtype=torch.long, device=dev)[:, None]
-        hidden_SL = torch.arange(num_keys, device=dev)[None, :] > pos_S1
-        # Additive rather than boolean: SDPA's CPU kernel takes it as is (a bool mask is converted).
-        mask = torch.zeros(hidden_SL.shape, dtype=self.dtype, device=dev).masked_fill_(hidden_SL, float("-inf"))
-        mask = mask[:, None, None, :]
+        long_slots = long_mask = None
+        if long_seqs:
+            long_slots = torch.tensor([s.slot for s in long_seqs], dtype=torch.long, device=dev)
+            long_mask = self._length_mask([s.length - 1 for s in long_seqs])
         return DecodeLayout(rows_B=torch.tensor(rows, dtype=torch.long, device=dev),
                             slots_B=torch.tensor(slots, dtype=torch.long, device=dev),
-                            num_slots=num_slots, mask_S11Lk=mask, identity=identity)
+                            num_slots=num_slots, mask_S11Lk=self._length_mask(pos_S), identity=identity,
+                            long_slots_b=long_slots, long_mask_b11Lk=long_mask)
+
+    def _length_mask(self, last_pos: list[int]) -> torch.Tensor:
+        """Additive mask [len, 1, 1, max + 1] letting row r see keys 0..last_pos[r]. Additive rather
+        than boolean: SDPA's CPU kernel takes it as is (a boolean mask gets converted)."""
+        dev = self.device
+        pos_S1 = torch.tensor(last_pos, dtype=torch.long, device=dev)[:, None]
+        hidden_SL = torch.arange(max(last_pos) + 1, device=dev)[None, :] > pos_S1
+        mask = torch.zeros(hidden_SL.shape, dtype=self.dtype, device=dev).masked_fill_(hidden_SL, float("-inf"))
+        return mask[:, None, None, :]
 
     def _prefill_layout(self, chunks: list[tuple[int, int, int, int]]) -> PrefillLayout:
         dev = self.device

@@ -38,7 +38,7 @@ from dora.engines.base import EngineStats, GroupHandle
 from dora.engines.experts import MOE_IMPLS
 from dora.engines.kv_cache import SlotCache
 from dora.engines.sampler import sample
-from dora.engines.scheduler import GroupState, Scheduler
+from dora.engines.scheduler import GroupState, Scheduler, SeqState
 from dora.engines.torch_forward import PackedForward
 from dora.engines.versions import LiveVersions, VersionWeights, prepare_version
 from dora.models.config import DTYPES, ModelConfig
@@ -268,7 +268,7 @@ class TorchEngine:
             aborts, self._aborts = self._aborts, []
         sched = self._scheduler
         sched.waiting.extend(inbox)
-        finished: list[tuple] = []
+        finished: list[tuple[SeqState, FinishReason]] = []
         for group_id in aborts:
             seqs = sched.remove_group(group_id)
             finished.extend((s, FinishReason.ABORT) for s in seqs or ())

@@ -53,6 +53,10 @@ class DecodeLayout:
     without a decode row see key 0 only (no all-masked row, no NaN)."""
     identity: bool
     """Decode rows are rows [0, B) holding slots 0..B-1 in order: no scatter/gather needed."""
+    long_slots_b: torch.Tensor | None = None
+    """Slots whose sequences are longer than the view's key range: attended in a second call over
+    their gathered keys (so a long-tail sequence does not make every slot read its length)."""
+    long_mask_b11Lk: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -163,7 +167,7 @@ class PackedForward:
         """One query per decode row against its slot's cached keys -> [B, H * Dh]."""
         cfg = self.cfg
         G, Dh = cfg.num_key_value_heads, cfg.head_dim
-        S, Lk = dec.num_slots, dec.mask_S11Lk.shape[-1]
+        S, Lk = dec.num_slots, dec.mask_S11Lk.shape[-1]  # slots longer than Lk: see long_slots_b
         if dec.identity:
             q_SHD = q_BHD
         else:
@@ -175,6 +179,14 @@ class PackedForward:
         v_SGLD = self.cache.v_LSMGD[i, :S, :Lk].transpose(1, 2)
         out_SGhD = F.scaled_dot_product_attention(q_SGhD, k_SGLD, v_SGLD, attn_mask=dec.mask_S11Lk)
         out_SX = out_SGhD.reshape(S, -1)
+        if dec.long_slots_b is not None:
+            assert dec.long_mask_b11Lk is not None
+            b, Lk = dec.long_slots_b.shape[0], dec.long_mask_b11Lk.shape[-1]
+            q_bGhD = q_SGhD.index_select(0, dec.long_slots_b)
+            k_bGLD = self.cache.k_LSMGD[i].index_select(0, dec.long_slots_b)[:, :Lk].transpose(1, 2)
+            v_bGLD = self.cache.v_LSMGD[i].index_select(0, dec.long_slots_b)[:, :Lk].transpose(1, 2)
+            out_bGhD = F.scaled_dot_product_attention(q_bGhD, k_bGLD, v_bGLD, attn_mask=dec.long_mask_b11Lk)
+            out_SX = out_SX.index_copy(0, dec.long_slots_b, out_bGhD.reshape(b, -1))
         return out_SX if dec.identity else out_SX.index_select(0, dec.slots_B)
 
     def _prefill_attention(self, i: int, pre: PrefillLayout, q_nHD: torch.Tensor) -> torch.Tensor:
