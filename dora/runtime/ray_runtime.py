@@ -17,25 +17,33 @@ Rewards stay in the driver: `RewardPool` already runs user rewards in killable w
 off the event loop, so an actor would only add a hop.
 
 Threads: every engine actor sets `torch.set_num_threads(runtime.engine_threads)`, the trainer actor
-`runtime.trainer_threads`, the driver (eval engine) `runtime.engine_threads`. Actors request fractional CPUs (`runtime.ray_engine_cpus`, `runtime.ray_trainer_cpus`),
-checked against the cluster before anything starts, so a 2-core machine never waits for CPUs.
+`runtime.trainer_threads`, the driver (eval engine) `runtime.engine_threads`. Actors request
+fractional CPUs (`runtime.ray_engine_cpus`, `runtime.ray_trainer_cpus`), checked against the
+cluster before anything starts, so a 2-core machine never waits for CPUs.
 
 Running a recipe:
 
     dora-train grpo_tiny runtime=ray                       # starts a local Ray cluster (ray.init)
     dora-train grpo_tiny runtime=ray runtime.num_engines=2 runtime.ray_engine_cpus=0.5
 
-On an existing cluster, submit the driver as a Ray job; the driver joins with `ray_address=auto`:
+On an existing cluster, submit the driver as a Ray job; it joins with `runtime.ray_address=auto`
+(the job sets RAY_ADDRESS) and weights go through the object store (`sync=ray`, the default when
+an address is set; shm only reaches processes of one machine). Tried on one machine:
 
-    ray start --head                                       # once, on the head node
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        dora-train grpo_tiny runtime=ray runtime.ray_address=auto sync=ray
+    export RAY_AUTH_MODE=disabled                          # same value for `ray start` and `ray job submit`
+    ray start --head --num-cpus=2 --dashboard-host=127.0.0.1
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        dora-train grpo_tiny runtime=ray runtime.ray_address=auto logging.run_dir=/abs/path/run
+    ray stop                                               # stops every Ray instance on the machine
 
-Ray >= 2.5x enables token authentication by default: export the same `RAY_AUTH_MODE` on both
-sides (`RAY_AUTH_MODE=disabled` for a local head on a trusted machine, or keep tokens and give the
-submitting shell the cluster's token). On several nodes use `sync=ray` (the object store; shm only
-reaches processes of one machine) and a run folder (`logging.run_dir`) on a filesystem the trainer
-actor's node can write, since the trainer actor writes the checkpoints.
+Recent Ray (2.60 here) turns token authentication on by default; both sides must agree on `RAY_AUTH_MODE`
+(`disabled` for a head on a trusted machine, or keep tokens and give the submitting shell the
+cluster's token). `--working-dir .` uploads the checkout (minus .gitignore'd paths) and runs the
+command there, so give `logging.run_dir` an absolute path on a filesystem the trainer actor's node
+can write (the trainer actor writes the checkpoints). Worker environment variables come from the
+job (`--runtime-env-json '{"env_vars": {...}}'`); a local cluster gets WANDB_MODE, HF_HUB_OFFLINE
+and TOKENIZERS_PARALLELISM from `ray.init`. While a `ray start` head runs, a plain `ray.init()` on
+that machine joins it; dora starts its local cluster with `address="local"` so it never does.
 """
 
 from __future__ import annotations
@@ -288,7 +296,9 @@ def init_ray(cfg: RunConfig) -> bool:
     if cfg.runtime.ray_address:
         ray.init(address=cfg.runtime.ray_address, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=_job_env())
+        # "local": a new cluster even when a `ray start` head runs on this machine (ray.init() would join it).
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 runtime_env=_job_env())
     return True
 
 
@@ -307,7 +317,8 @@ def train_ray(cfg: RunConfig, run_dir: Path) -> TrainSummary:
         first_loads = [min(e.load_s.items())[1] for e in stages.engines if e.load_s]
         timings["first_load_s"] = max(first_loads, default=0.0)
         timings["startup_s"] = timings["ray_init_s"] + timings["actors_ready_s"] + timings["first_load_s"]
-        report = {"sync_channel": sync.channel, "sync_name": sync.name, "started_local_cluster": started_ray,
+        report = {"sync_channel": sync.channel, "sync_name": sync.name,
+                  "cluster": cfg.runtime.ray_address or ("local" if started_ray else "already initialised"),
                   **timings, "publish_s": stages.trainer.publish_s,
                   "engine_load_s": {str(e.engine_id): {str(v): s for v, s in sorted(e.load_s.items())}
                                     for e in stages.engines},

@@ -65,7 +65,7 @@ def test_every_version_reached_every_engine_over_the_channel(ray_run):
     cfg, run_dir, summary = ray_run
     report = json.loads((run_dir / "ray_runtime.json").read_text())
     assert report == summary.extra["ray"]
-    assert report["sync_channel"] == "shm" and report["started_local_cluster"]
+    assert report["sync_channel"] == "shm" and report["cluster"] == "local"
     assert len(report["publish_s"]) == STEPS + 1  # version 0, then one per step
     for engine in map(str, range(ENGINES)):
         received = report["engine_received"][engine]
