@@ -11,8 +11,10 @@ every figure is over the steps after it.
 
 Policies: none (contiguous experts, no replicas); eplb_history (EPLB from a moving average of past
 steps, replicas get even shares); eplb_oracle_step (EPLB from the step's own total loads, even
-shares); dora (placement across nodes per step, replicas and uneven quotas per micro-batch inside
-each node); dora_cross_node (the same, replicas may cross nodes); ideal (every rank at the mean).
+shares); dora (the default BalancerConfig: placement across nodes per step, replicas and uneven
+quotas per micro-batch inside each node, a node more than 5% over the mean sheds to other nodes);
+dora_intra_node (never crosses nodes); dora_cross_node (sheds any node excess above 0.5%); ideal
+(every rank at the mean).
 
 Per policy: imbalance (max / mean rank load per layer and micro-batch) p50/p99/max, simulated step
 time (dora.moe.cost_model, seconds, summed over layers and micro-batches), bytes moved per step
@@ -48,7 +50,7 @@ from dora.moe.traces import (
     synthetic_counts,
 )
 
-POLICIES = ("none", "eplb_history", "eplb_oracle_step", "dora", "dora_cross_node", "ideal")
+POLICIES = ("none", "eplb_history", "eplb_oracle_step", "dora", "dora_intra_node", "dora_cross_node", "ideal")
 
 
 @dataclass(slots=True)
@@ -80,6 +82,9 @@ def workloads(quick: bool, seed: int) -> list[Workload]:
     out = []
     for name, overrides in (("reference", {}),
                             ("adversarial_one_expert_30pct_tokens", {"dominant_token_share": 0.3}),
+                            ("adversarial_one_expert_95pct_tokens", {"dominant_token_share": 0.95}),
+                            ("adversarial_top2_one_expert_30pct_slots",
+                             {"top_k": 2, "dominant_token_share": 0.6, "hot_share": 0.03}),
                             ("hot_moves_every_microbatch", {"hot_move_every": 1}),
                             ("no_hot_experts_skew_only", {"num_hot": 0, "hot_share": 0.0})):
         cfg = reference_trace(layers, steps, seed, **overrides)
@@ -138,8 +143,9 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
     results = {p: PolicyResult() for p in POLICIES}
     history = EplbHistory(topo, L)
     move_cost = cost_model.move_cost_tokens(topo, w.expert)
-    dora_intra = BalancerConfig(cross_node=False, move_cost_tokens=move_cost)
-    dora_cross = BalancerConfig(cross_node=True, move_cost_tokens=move_cost)
+    configs = {"dora": BalancerConfig(move_cost_tokens=move_cost),
+               "dora_intra_node": BalancerConfig(cross_node=False, move_cost_tokens=move_cost),
+               "dora_cross_node": BalancerConfig(min_shed=0.005, move_cost_tokens=move_cost)}
     last: dict[str, list[Plan | None]] = {p: [None] * L for p in POLICIES}
     for step in range(num_steps):
         counts_MLE = w.counts_MLE[step * M:(step + 1) * M]
@@ -153,19 +159,16 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
             oracle = eplb_placement(c_ME.sum(0), topo)
             plans["eplb_oracle_step"].append([even_split_plan(c, oracle, topo) for c in c_ME])
             placement, t_place = _timed(timing_repeats, place_nodes, c_ME, topo)
-            layer_plans, cross_plans = [], []
-            prev, prev_cross = last["dora"][layer], last["dora_cross_node"][layer]
-            for c in c_ME:
-                plan, t_plan = _timed(timing_repeats, plan_microbatch, c, placement, topo, config=dora_intra, prev=prev)
-                prev = plan
-                if timing is not None and measured:
-                    timing.placement.append(t_place)
-                    timing.microbatch.append(t_plan)
-                layer_plans.append(prev)
-                prev_cross = plan_microbatch(c, placement, topo, config=dora_cross, prev=prev_cross)
-                cross_plans.append(prev_cross)
-            plans["dora"].append(layer_plans)
-            plans["dora_cross_node"].append(cross_plans)
+            for policy, config in configs.items():
+                prev, layer_plans = last[policy][layer], []
+                for c in c_ME:
+                    prev, t_plan = _timed(timing_repeats if policy == "dora" else 1, plan_microbatch, c, placement,
+                                          topo, config=config, prev=prev)
+                    if timing is not None and measured and policy == "dora":
+                        timing.placement.append(t_place)
+                        timing.microbatch.append(t_plan)
+                    layer_plans.append(prev)
+                plans[policy].append(layer_plans)
         history.observe(counts_MLE)
         for policy, by_layer in plans.items():
             res = results[policy]

@@ -45,12 +45,14 @@ from dora.moe.plan import Plan, Topology
 
 @dataclass(slots=True)
 class BalancerConfig:
-    cross_node: bool = False
-    """Also move excess load of overloaded nodes to replicas in other nodes (inter-node copies)."""
+    cross_node: bool = True
+    """Move the excess of a node more than `min_shed` above the mean to replicas in other nodes
+    (inter-node copies); False keeps every copy in its expert's node."""
     sweeps: int = 2
     """Water-filling passes over the replicated experts' quotas per micro-batch."""
-    min_shed: float = 0.005
-    """With `cross_node`, a node's excess over the mean is shed only above this fraction of it."""
+    min_shed: float = 0.05
+    """With `cross_node`, a node's excess is shed only when above this fraction of the mean node load:
+    smaller excesses cost more in inter-node copies than they save (see the bench's cost model)."""
     sticky: float = 0.01
     """Keep an expert on the rank it held in the previous micro-batch when that rank is within this
     fraction of the node's mean rank load of the lightest choice (0 = always the lightest)."""
@@ -380,8 +382,33 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
         pack.repair()
         pack.level_replicas(config.sweeps)
         pack.write(phys_to_log, quota)
-    return Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
-                slots_per_rank=S)
+    fresh = Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
+                 slots_per_rank=S)
+    if prev is None or config.move_cost_tokens <= 0:
+        return fresh
+    # Keeping the previous layout (no weight moves, each copy keeps its share of its expert) wins
+    # when the fresh plan's lower peak does not pay for the copies its busiest receiver must take.
+    kept = _rescale(prev, counts)
+    new_copies = np.bincount(np.flatnonzero((phys_to_log >= 0) & (phys_to_log != prev.phys_to_log)) // S,
+                             minlength=topo.num_ranks)
+    penalty = config.move_cost_tokens * float(new_copies.max(initial=0))
+    return kept if kept.rank_load().max() <= fresh.rank_load().max() + penalty else fresh
+
+
+def _rescale(prev: Plan, counts: np.ndarray) -> Plan:
+    """`prev`'s layout with each copy keeping its share of its expert's tokens, for new counts (an
+    expert that had no tokens splits evenly); the home takes the rounding remainder."""
+    used = np.flatnonzero(prev.phys_to_log >= 0)
+    experts = prev.phys_to_log[used]
+    E = len(prev.home)
+    old_E = np.bincount(experts, weights=prev.quota[used], minlength=E)
+    copies_E = np.bincount(experts, minlength=E)
+    share = np.where(old_E[experts] > 0, prev.quota[used] / np.maximum(old_E[experts], 1), 1.0 / copies_E[experts])
+    quota = np.zeros_like(prev.quota)
+    quota[used] = np.floor(share * counts[experts]).astype(np.int64)
+    quota[prev.home] += counts - np.bincount(experts, weights=quota[used], minlength=E).astype(np.int64)
+    return Plan(phys_to_log=prev.phys_to_log.copy(), quota=quota, home=prev.home.copy(),
+                slots_per_rank=prev.slots_per_rank)
 
 
 def _shed_across_nodes(items_by_node: list[list[list[int]]], total: int, topo: Topology,

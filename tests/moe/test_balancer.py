@@ -143,3 +143,20 @@ def test_bad_input_is_rejected_clearly():
     plan = plan_microbatch(np.arange(8), placement, topo)
     with pytest.raises(ValueError, match="do not match"):
         assign_tokens(plan, np.array([[0, 1]]))
+
+
+def test_small_gains_keep_the_previous_layout_and_still_conserve_tokens():
+    topo = Topology(num_experts=16, num_ranks=8, ranks_per_node=4, slots_per_rank=3)
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 400, size=(2, 16))
+    counts[:, 5] += 3000
+    placement = place_nodes(counts, topo)
+    first = plan_microbatch(counts[0], placement, topo)
+    nudged = counts[1].copy()
+    costly = BalancerConfig(move_cost_tokens=1e9)  # any weight copy costs more than it can save
+    kept = plan_microbatch(nudged, placement, topo, config=costly, prev=first)
+    np.testing.assert_array_equal(kept.phys_to_log, first.phys_to_log)
+    check_plan(kept, nudged, topo)
+    free = plan_microbatch(nudged, placement, topo, config=BalancerConfig(move_cost_tokens=0.0), prev=first)
+    check_plan(free, nudged, topo)
+    assert free.rank_load().max() <= kept.rank_load().max()

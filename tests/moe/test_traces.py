@@ -8,7 +8,7 @@ import torch
 
 from dora.models.config import ModelConfig
 from dora.moe import cost_model
-from dora.moe.balancer import contiguous_plan, place_nodes, plan_microbatch
+from dora.moe.balancer import BalancerConfig, contiguous_plan, place_nodes, plan_microbatch
 from dora.moe.plan import Topology
 from dora.moe.traces import (
     TraceConfig,
@@ -92,11 +92,17 @@ def test_cost_model_charges_the_slowest_rank_and_cross_node_copies():
     assert skewed == pytest.approx(even * 1.5)
     counts = np.array([4000] + [100] * 15)
     placement = place_nodes(counts[None], topo)
-    plan = plan_microbatch(counts, placement, topo)
+    plan = plan_microbatch(counts, placement, topo, config=BalancerConfig(cross_node=False))
     move = cost_model.movement(None, plan, None, topo, expert)
     replicas = int((plan.num_replicas - 1).sum())
     assert replicas > 0 and move.inter_bytes_R.sum() == 0  # replicas stay inside the node
     assert move.intra_bytes_R.sum() == 2 * replicas * expert.weight_bytes  # weights in, gradients back
+    # The hot expert overloads its node: the default config sheds to the other node, and the copies
+    # there cross the inter-node link once each way (weights in, summed gradients back).
+    shed = plan_microbatch(counts, placement, topo)
+    move_shed = cost_model.movement(None, shed, None, topo, expert)
+    assert move_shed.inter_bytes_R.sum() == 2 * expert.weight_bytes
+    assert shed.rank_load().max() < plan.rank_load().max()
     none = contiguous_plan(counts, topo)
     assert cost_model.movement(none, none, none, topo, expert).total == 0
     assert cost_model.layer_time(plan.rank_load(), move, topo, expert) < cost_model.layer_time(
