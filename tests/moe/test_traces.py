@@ -8,7 +8,12 @@ import torch
 
 from dora.models.config import ModelConfig
 from dora.moe import cost_model
-from dora.moe.balancer import BalancerConfig, contiguous_plan, place_nodes, plan_microbatch
+from dora.moe.balancer import (
+    BalancerConfig,
+    contiguous_plan,
+    place_nodes,
+    plan_microbatch,
+)
 from dora.moe.plan import Topology
 from dora.moe.traces import (
     TraceConfig,
