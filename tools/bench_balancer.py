@@ -18,7 +18,7 @@ dora_intra_node (never crosses nodes); dora_cross_node (sheds any node excess ab
 
 Per policy: imbalance (max / mean rank load per layer and micro-batch) p50/p99/max, simulated step
 time (dora.moe.cost_model, seconds, summed over layers and micro-batches), bytes moved per step
-(weight copies + replica gradients), speedups. Planner latency: dora's plan for one layer and
+(weight copies + replica gradients reduced to their home; also reported apart), speedups. Planner latency: dora's plan for one layer and
 micro-batch, with the step placement's time spread over the step's micro-batches, on one core.
 """
 
@@ -67,6 +67,8 @@ class PolicyResult:
     imbalance: list[float] = field(default_factory=list)
     step_time: list[float] = field(default_factory=list)
     bytes_moved: list[float] = field(default_factory=list)
+    weight_bytes: list[float] = field(default_factory=list)
+    grad_bytes: list[float] = field(default_factory=list)
     series: list[float] = field(default_factory=list)
     """Imbalance averaged over layers, per micro-batch, for the plot."""
 
@@ -172,7 +174,7 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
         history.observe(counts_MLE)
         for policy, by_layer in plans.items():
             res = results[policy]
-            step_time, moved = 0.0, 0.0
+            step_time, moved, weights, grads = 0.0, 0.0, 0.0, 0.0
             per_mb = np.zeros(M)
             for layer, layer_plans in enumerate(by_layer):
                 prev = last[policy][layer]
@@ -182,6 +184,8 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
                     load = plan.rank_load()
                     step_time += cost_model.layer_time(load, move, topo, w.expert)
                     moved += move.total
+                    weights += move.weight_bytes
+                    grads += move.grad_bytes
                     per_mb[m] += imbalance(load)
                     if measured:
                         res.imbalance.append(imbalance(load))
@@ -190,6 +194,8 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
             if measured:
                 res.step_time.append(step_time)
                 res.bytes_moved.append(moved)
+                res.weight_bytes.append(weights)
+                res.grad_bytes.append(grads)
                 res.series.extend((per_mb / L).tolist())
         if measured:
             ideal = results["ideal"]
@@ -201,6 +207,8 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
                     ideal.imbalance.append(1.0)
             ideal.step_time.append(total)
             ideal.bytes_moved.append(0.0)
+            ideal.weight_bytes.append(0.0)
+            ideal.grad_bytes.append(0.0)
             ideal.series.extend([1.0] * M)
     return results
 
@@ -213,6 +221,8 @@ def summarize(results: dict[str, PolicyResult]) -> dict:
             "imbalance_p50": float(np.percentile(imb, 50)), "imbalance_p99": float(np.percentile(imb, 99)),
             "imbalance_max": float(imb.max()), "step_time": float(np.mean(r.step_time)),
             "bytes_moved": float(np.mean(r.bytes_moved)),
+            "weight_bytes_copied": float(np.mean(r.weight_bytes)),
+            "grad_bytes_reduced": float(np.mean(r.grad_bytes)),
         }
     ideal = policies["ideal"]["step_time"]
     for p in policies.values():

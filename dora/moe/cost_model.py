@@ -71,10 +71,14 @@ class Movement:
     """[R] weight copies received plus replica gradients sent over NVLink."""
     inter_bytes_R: np.ndarray
     """[R] the same over the inter-node link."""
+    weight_bytes: int
+    """Expert weights copied into new slots (both links)."""
+    grad_bytes: int
+    """Replica gradients reduced back towards their expert's home (both links)."""
 
     @property
     def total(self) -> int:
-        return int(self.intra_bytes_R.sum() + self.inter_bytes_R.sum())
+        return self.weight_bytes + self.grad_bytes
 
 
 def movement(prev: Plan | None, cur: Plan, nxt: Plan | None, topo: Topology, expert: ExpertShape) -> Movement:
@@ -104,6 +108,7 @@ def movement(prev: Plan | None, cur: Plan, nxt: Plan | None, topo: Topology, exp
     far_first = far & _first_per_group(experts * topo.num_nodes + node, far)
     np.add.at(intra, used[new & ~far_first] // S, expert.weight_bytes)
     np.add.at(inter, used[far_first] // S, expert.weight_bytes)
+    weight_bytes = int(new.sum()) * expert.weight_bytes
     replica = used != cur.home[experts]
     ends = replica if nxt is None else replica & (nxt.phys_to_log[used] != experts)
     # An ending replica hands its gradient to a copy of the expert that the next plan keeps in the
@@ -119,7 +124,8 @@ def movement(prev: Plan | None, cur: Plan, nxt: Plan | None, topo: Topology, exp
     far_first = far & _first_per_group(experts * topo.num_nodes + node, far)
     np.add.at(intra, used[ends & ~far_first] // S, expert.weight_bytes)
     np.add.at(inter, used[far_first] // S, expert.weight_bytes)
-    return Movement(intra_bytes_R=intra, inter_bytes_R=inter)
+    return Movement(intra_bytes_R=intra, inter_bytes_R=inter, weight_bytes=weight_bytes,
+                    grad_bytes=int(ends.sum()) * expert.weight_bytes)
 
 
 def _first_per_group(key: np.ndarray, mask: np.ndarray) -> np.ndarray:
