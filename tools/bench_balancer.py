@@ -18,8 +18,9 @@ dora_intra_node (never crosses nodes); dora_cross_node (sheds any node excess ab
 
 Per policy: imbalance (max / mean rank load per layer and micro-batch) p50/p99/max, simulated step
 time (dora.moe.cost_model, seconds, summed over layers and micro-batches), bytes moved per step
-(weight copies + replica gradients reduced to their home; also reported apart), speedups. Planner latency: dora's plan for one layer and
-micro-batch, with the step placement's time spread over the step's micro-batches, on one core.
+(weight copies + replica gradients reduced to their home, also reported apart), speedups. Planner
+latency: dora's plan for one layer and micro-batch, with the step placement's time spread over the
+step's micro-batches, on one core.
 """
 
 from __future__ import annotations
