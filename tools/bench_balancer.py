@@ -30,6 +30,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -48,6 +49,7 @@ from dora.moe.traces import (
     TraceConfig,
     counts_from_ids,
     record_engine_trace,
+    save_trace,
     synthetic_counts,
 )
 
@@ -61,6 +63,9 @@ class Workload:
     topo: Topology
     microbatches_per_step: int
     expert: cost_model.ExpertShape
+    ids_TLK: np.ndarray | None = None
+    """The per-token routing, for traces recorded from the engine."""
+    tokens_per_microbatch: int = 131_072
 
 
 @dataclass(slots=True)
@@ -113,7 +118,8 @@ def engine_workload(quick: bool, seed: int) -> Workload:
     tokens_per_mb, mbs = (2048 if quick else 4096), 4
     counts = counts_from_ids(ids, cfg.num_experts, tokens_per_mb)
     counts = counts[: len(counts) // mbs * mbs]
-    return Workload("engine_tiny_moe_64x8", counts, Topology(64, 16, 4, 5), mbs, cost_model.QWEN3_30B_A3B)
+    return Workload("engine_tiny_moe_64x8", counts, Topology(64, 16, 4, 5), mbs, cost_model.QWEN3_30B_A3B,
+                    ids_TLK=ids, tokens_per_microbatch=tokens_per_mb)
 
 
 @dataclass(slots=True)
@@ -274,6 +280,7 @@ def main() -> None:
     ap.add_argument("--png", default=None, help="plot of imbalance over micro-batches (reference trace)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only-reference", action="store_true")
+    ap.add_argument("--save-traces", metavar="DIR", help="write every trace as DIR/<name>.npz (dora.moe.traces)")
     ap.add_argument("--timing-repeats", type=int, default=3,
                     help="time each dora plan this many times and keep the fastest (shared machines)")
     args = ap.parse_args()
@@ -283,6 +290,11 @@ def main() -> None:
     for w in workloads(args.quick, args.seed):
         if args.only_reference and w.name != "reference":
             continue
+        if args.save_traces:
+            Path(args.save_traces).mkdir(parents=True, exist_ok=True)
+            save_trace(Path(args.save_traces) / f"{w.name}.npz", num_experts=w.topo.num_experts,
+                       tokens_per_microbatch=w.tokens_per_microbatch, ids_TLK=w.ids_TLK,
+                       counts_MLE=None if w.ids_TLK is not None else w.counts_MLE)
         t0 = time.perf_counter()
         is_ref = w.name == "reference"
         results = run_workload(w, timing if is_ref else None, args.timing_repeats if is_ref else 1)
