@@ -71,7 +71,8 @@ class EngineActor:
         self._pump_error: BaseException | None = None
         self._next_seq = 0
         self._pending: dict[int, tuple[str, tuple[Any, ...]]] = {}
-        self._commands = threading.Lock()
+        self._commands = threading.Condition()
+        """Guards the command sequence; notified whenever commands were applied."""
         self.load_s: dict[int, float] = {}
         """version -> seconds `add_version` took (waiting for the weights + preparing them)."""
 
@@ -137,11 +138,17 @@ class EngineActor:
             return self._newest_received
 
     @ray.method(concurrency_group="load")
-    def add_version(self, version: int) -> float:
+    def add_version(self, version: int, after_commands: int = 0) -> float:
         """Make the staged `version` live on the engine, waiting up to `sync.timeout_s` for it to
-        arrive. Returns the seconds it took."""
+        arrive, and first for the driver's first `after_commands` commands to be applied (a
+        `drop_version` the driver sent before this load must free its place first, as it would in
+        one process). Returns the seconds it took."""
         start = time.monotonic()
         deadline = start + self.sync.timeout_s
+        with self._commands:
+            if not self._commands.wait_for(lambda: self._next_seq >= after_commands, self.sync.timeout_s):
+                raise TimeoutError(f"engine {self.engine_id}: loading version {version} waited {self.sync.timeout_s:g} s "
+                                   f"for the driver's commands before it (applied {self._next_seq} of {after_commands})")
         with self._versions:
             while version not in self._staged:
                 self.receiver.raise_if_failed()
@@ -183,6 +190,7 @@ class EngineActor:
                     getattr(engine, name)(*call_args)
                 except Exception as e:  # keep applying the ones queued behind it; report the first
                     error = error or e
+            self._commands.notify_all()
         if error is not None:
             raise error
 

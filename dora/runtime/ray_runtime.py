@@ -141,7 +141,8 @@ class RayEngineProxy:
             raise TypeError(f"engine {self.engine_id}: add_version({version}) needs the PublishedMarker of "
                             f"version {version} from RayTrainerHandle.publish, got {weights!r}")
         start = time.monotonic()
-        _get(self.actor.add_version.remote(version), self.timeout_s + 30.0,
+        # Ordered after every command sent so far (a drop_version must land before the load).
+        _get(self.actor.add_version.remote(version, self._seq), 2 * self.timeout_s + 30.0,
              f"engine {self.engine_id} to load version {version}")
         self.load_s[version] = time.monotonic() - start
 

@@ -2,6 +2,7 @@
 arrive over a real shared-memory channel while sequences decode, staged versions become live on
 request, commands apply in the driver's order, and bad requests fail naming the version."""
 
+import threading
 import uuid
 
 import pytest
@@ -114,3 +115,28 @@ def test_loading_a_skipped_or_missing_version_fails_naming_it(setup):
         actor.add_version(9)
     with pytest.raises(SyncTimeout, match="engine 3 to receive version 9"):
         actor.wait_received(9, 0.2)
+
+
+def test_a_load_waits_for_the_drop_the_driver_sent_before_it(setup):
+    actor, writer, model = setup
+    for version in range(3):
+        writer.publish(version, weights(model, version * 0.01))
+        actor.wait_received(version, 5.0)
+        if version < 2:
+            actor.add_version(version)
+    errors = []
+
+    def load():  # the driver sent drop_version(0) (command 0) before asking for version 2
+        try:
+            actor.add_version(2, after_commands=1)
+        except Exception as e:
+            errors.append(e)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    loader.join(0.3)
+    assert loader.is_alive(), "the load must wait for the drop sent before it"
+    actor.command(0, "drop_version", (0,))
+    loader.join(10.0)
+    assert not loader.is_alive() and errors == []
+    assert actor.engine.live_versions == [1, 2]
