@@ -44,6 +44,9 @@ class VersionController:
         """Unconsumed groups (running or finished) by group_id."""
         self._per_deadline: dict[int, int] = {}
         self._finished: list[tuple[int, int, int]] = []  # heap of (deadline, seq, group_id)
+        self._running: list[tuple[int, int, int]] = []
+        """Heap of (deadline, seq, group_id) of running groups; entries of groups that finished, moved
+        or left since are skipped lazily (`blocker` runs on every event while the trainer waits)."""
         self._next_seq = 0
 
     # ---- the invariant -----------------------------------------------------------------------
@@ -90,6 +93,7 @@ class VersionController:
         group = ControlledGroup(group_id, version, version + self.k, seq)
         self.groups[group_id] = group
         self._per_deadline[group.deadline] = self._per_deadline.get(group.deadline, 0) + 1
+        heapq.heappush(self._running, (group.deadline, seq, group_id))
         return group
 
     def finish(self, group_id: int) -> None:
@@ -113,6 +117,7 @@ class VersionController:
         self._decrement(group.deadline)
         group.version, group.deadline = version, version + self.k
         self._per_deadline[group.deadline] = self._per_deadline.get(group.deadline, 0) + 1
+        heapq.heappush(self._running, (group.deadline, group.seq, group_id))
 
     def publish(self, version: int) -> None:
         if version != self.newest_version + 1:
@@ -154,8 +159,14 @@ class VersionController:
 
     def blocker(self) -> ControlledGroup | None:
         """The running group the trainer waits for: earliest deadline, then oldest admission."""
-        running = [g for g in self.groups.values() if not g.finished]
-        return min(running, key=lambda g: (g.deadline, g.seq), default=None)
+        heap = self._running
+        while heap:
+            deadline, _, group_id = heap[0]
+            group = self.groups.get(group_id)
+            if group is not None and not group.finished and group.deadline == deadline:
+                return group
+            heapq.heappop(heap)
+        return None
 
     # ---- counts ------------------------------------------------------------------------------
 
@@ -202,3 +213,5 @@ class VersionController:
         self._per_deadline[group.deadline] = self._per_deadline.get(group.deadline, 0) + 1
         if finished:
             self.finish(group_id)
+        else:
+            heapq.heappush(self._running, (group.deadline, seq, group_id))

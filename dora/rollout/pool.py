@@ -179,9 +179,10 @@ class RolloutPool:
         """Move single-version engines to the newest version (see the module docstring).
         `queued`: version -> sequences waiting for an engine on it (admitted but not placed, and for
         the newest version also what the deadline invariant would still admit)."""
-        singles = [e for e in self.engines if e.max_versions == 1 and not self.partial]
-        if not singles:
-            return []
+        if self.partial or not any(e.max_versions == 1 and not e.loading and e.current is not None
+                                   and e.current != self.newest for e in self.engines):
+            return []  # every single-version engine is on (or loading) the newest version already
+        singles = [e for e in self.engines if e.max_versions == 1]
         demand = dict(queued)
         engines_on: dict[int, int] = {}
         for e in singles:
@@ -226,13 +227,15 @@ class RolloutPool:
 
     def place(self, version: int, num_samples: int) -> Placement | None:
         """Where a group of `num_samples` would go on `version` (most free capacity first), or None."""
+        if not self.split:
+            # The engine with the most free capacity (lowest id on ties) fits it, or none does.
+            best = None
+            for e in self.engines:
+                if e.accepting == version and (best is None or e.free > best.free):
+                    best = e
+            return [(best.engine_id, num_samples)] if best is not None and best.free >= num_samples else None
         candidates = sorted((e for e in self.engines if e.accepting == version and e.free > 0),
                             key=lambda e: (-e.free, e.engine_id))
-        if not self.split:
-            for e in candidates:
-                if e.free >= num_samples:
-                    return [(e.engine_id, num_samples)]
-            return None
         placement, left = [], num_samples
         for e in candidates:
             take = min(e.free, left)
@@ -241,6 +244,16 @@ class RolloutPool:
             if left == 0:
                 return placement
         return None
+
+    def has_room(self, num_samples: int) -> bool:
+        """Whether `place` could succeed on some version (a cheap test before trying each group)."""
+        if not self.split:
+            return any(e.accepting is not None and e.free >= num_samples for e in self.engines)
+        free: dict[int, int] = {}
+        for e in self.engines:
+            if e.accepting is not None:
+                free[e.accepting] = free.get(e.accepting, 0) + e.free
+        return any(f >= num_samples for f in free.values())
 
     def occupy(self, engine_id: int, version: int, num_samples: int, time: float) -> None:
         e = self.engines[engine_id]

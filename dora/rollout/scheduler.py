@@ -274,14 +274,21 @@ class Scheduler:
         """Place admitted groups waiting for an engine (admission waves). A waiting group whose
         version has no free engine moves to the newest version: it has not started, and a later
         deadline never breaks the invariant -- while engines holding one version never move back."""
+        if not self._unplaced or not self.pool.has_room(self.n):
+            return
         newest = self.controller.newest_version
+        full: set[int] = set()  # versions a group did not fit on: placing more only fills engines further
         for _ in range(len(self._unplaced)):
             gid = self._unplaced.popleft()
             rec = self._records[gid]
-            placement = self.pool.place(rec.version, self.n)
-            if placement is None and rec.version < newest:
+            placement = None if rec.version in full else self.pool.place(rec.version, self.n)
+            if placement is None:
+                full.add(rec.version)
+            if placement is None and rec.version < newest and newest not in full:
                 placement = self.pool.place(newest, self.n)
-                if placement is not None:
+                if placement is None:
+                    full.add(newest)
+                else:
                     self.controller.move_to_version(gid, newest)
                     self.buffer.move_to_version(gid, newest)
                     rec.version = newest
