@@ -241,9 +241,11 @@ class Scheduler:
         c_C = torch.arange(longest, device=dev)
         gather_PC = offsets[:, None] + torch.minimum(c_C[None, :], sizes[:, None] - 1)
         scatter_n = torch.cat([p * longest + torch.arange(size, device=dev) for p, (_, size, _, _) in enumerate(chunks)])
-        pos0_P = torch.tensor([pos0 for _, _, _, pos0 in chunks], device=dev)
-        query_pos_PC = pos0_P[:, None] + c_C[None, :]
-        mask = (torch.arange(num_keys, device=dev)[None, None, :] <= query_pos_PC[:, :, None])[:, None]
+        mask = None  # whole prompts of one length (a batch of fresh prompts): plain causal attention
+        if any(pos0 or size != longest for _, size, _, pos0 in chunks):
+            pos0_P = torch.tensor([pos0 for _, _, _, pos0 in chunks], device=dev)
+            query_pos_PC = pos0_P[:, None] + c_C[None, :]
+            mask = (torch.arange(num_keys, device=dev)[None, None, :] <= query_pos_PC[:, :, None])[:, None]
         rows = torch.cat([torch.arange(row, row + size, device=dev) for row, size, _, _ in chunks])
         return PrefillLayout(rows=rows, slots_P=torch.tensor([slot for _, _, slot, _ in chunks], device=dev),
                              gather_PC=gather_PC, scatter_n=scatter_n, num_keys=num_keys, mask_P1CLk=mask,

@@ -71,7 +71,8 @@ class PrefillLayout:
     """For each prefill row, its index in the flattened [P * C] padded layout."""
     num_keys: int
     mask_P1CLk: torch.Tensor | None
-    """bool causal mask with each chunk's offset; None when a single chunk starts at position 0."""
+    """bool causal mask with each chunk's offset; None (plain causal) when every chunk is a whole
+    prompt starting at position 0 and the chunks have one length."""
     single_slot: int
     """The slot of the chunk when there is exactly one (read as a view), else -1."""
 
@@ -183,8 +184,8 @@ class PackedForward:
             assert dec.long_mask_b11Lk is not None
             b, Lk = dec.long_slots_b.shape[0], dec.long_mask_b11Lk.shape[-1]
             q_bGhD = q_SGhD.index_select(0, dec.long_slots_b)
-            k_bGLD = self.cache.k_LSMGD[i].index_select(0, dec.long_slots_b)[:, :Lk].transpose(1, 2)
-            v_bGLD = self.cache.v_LSMGD[i].index_select(0, dec.long_slots_b)[:, :Lk].transpose(1, 2)
+            k_bGLD = self.cache.k_LSMGD[i, :, :Lk].index_select(0, dec.long_slots_b).transpose(1, 2)
+            v_bGLD = self.cache.v_LSMGD[i, :, :Lk].index_select(0, dec.long_slots_b).transpose(1, 2)
             out_bGhD = F.scaled_dot_product_attention(q_bGhD, k_bGLD, v_bGLD, attn_mask=dec.long_mask_b11Lk)
             out_SX = out_SX.index_copy(0, dec.long_slots_b, out_bGhD.reshape(b, -1))
         return out_SX if dec.identity else out_SX.index_select(0, dec.slots_B)
@@ -202,9 +203,10 @@ class PackedForward:
         assert pre.gather_PC is not None and pre.scatter_n is not None
         P, C = pre.gather_PC.shape
         q_PHCD = q_nHD.index_select(0, pre.gather_PC.view(-1)).view(P, C, *q_nHD.shape[1:]).transpose(1, 2)
-        k_PGLD = self.cache.k_LSMGD[i].index_select(0, pre.slots_P)[:, :Lk].transpose(1, 2)
-        v_PGLD = self.cache.v_LSMGD[i].index_select(0, pre.slots_P)[:, :Lk].transpose(1, 2)
-        out_PHCD = F.scaled_dot_product_attention(q_PHCD, k_PGLD, v_PGLD, attn_mask=pre.mask_P1CLk, enable_gqa=True)
+        k_PGLD = self.cache.k_LSMGD[i, :, :Lk].index_select(0, pre.slots_P).transpose(1, 2)
+        v_PGLD = self.cache.v_LSMGD[i, :, :Lk].index_select(0, pre.slots_P).transpose(1, 2)
+        out_PHCD = F.scaled_dot_product_attention(q_PHCD, k_PGLD, v_PGLD, attn_mask=pre.mask_P1CLk,
+                                                  is_causal=pre.mask_P1CLk is None, enable_gqa=True)
         return out_PHCD.transpose(1, 2).reshape(P * C, -1).index_select(0, pre.scatter_n)
 
     def _moe(self, i: int, live: LiveVersions, rows: _Rows, step: StepInputs,

@@ -393,3 +393,12 @@ def test_dense_layers_and_dense_models(overrides):
             assert t.routing is not None and torch.equal(t.routing.long(), out.routing_BSLK[0])
         else:
             assert t.routing is None
+
+
+def test_batch_of_equal_prompts_prefilled_together(models):
+    """Whole prompts of one length share one causal prefill call (no mask): same results."""
+    engine = make_engine(models[0], max_num_batched_tokens=64)
+    for i, p in enumerate(prompts(4, seed=14, lengths=(9, 9))):
+        engine.submit(PromptGroup(group_id=i, prompt_id=i, prompt_ids=p), 0, SamplingParams(max_new_tokens=5, seed=i))
+    for t in run(engine):
+        check_against(models[0], t)
