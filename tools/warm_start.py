@@ -92,7 +92,7 @@ def main() -> None:
         save_model(model, out, tokenizer=tokenizer)
         info = {"steps": steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "heldout_greedy_accuracy": accuracy, "parameters": model.num_parameters(),
-                "command": f"python tools/warm_start.py --out {out} --steps {steps} --seed {args.seed}"}
+                "command": f"python tools/warm_start.py --out {out} --steps {steps} --seed {args.seed} --threads {args.threads}"}
         (out / "warm_start.json").write_text(json.dumps(info, indent=2) + "\n")
         print(f"step {steps}: held-out greedy accuracy {accuracy:.3f}; saved {out}", flush=True)
         return accuracy
