@@ -219,12 +219,13 @@ class _NodePack:
         self.amount[slot] = amount
         return slot
 
-    def fill(self, prefer: dict[int, list[int]], tolerance: float) -> None:
+    def fill(self, prefer: list[int], tolerance: float) -> None:
         """LPT with splitting: the heaviest remaining piece goes to the lightest rank (not holding
         that expert yet); if it would lift the rank above the level and a slot stays free for the
         rest, the rank takes exactly up to the level and the rest is queued as another replica. A
-        piece goes to a rank in `prefer[expert]` (the expert's ranks in the previous micro-batch)
-        when that rank is within `tolerance` token slots of the lightest."""
+        piece goes to `prefer[expert]` (the rank of the expert's home copy in the previous
+        micro-batch; empty list = none) when that rank is within `tolerance` token slots of the
+        lightest."""
         items, S, rank_load, used = self.items, self.S, self.rank_load, self.used
         slots_left = len(self.ranks) * S
         remainders: list[tuple[float, int]] = []  # split-off rests, merged with the sorted items
@@ -242,10 +243,9 @@ class _NodePack:
             for r in self.ranks:  # the lightest rank with a free slot, one copy per rank
                 if used[r] < S and rank_load[r] < best and r not in holds:
                     rank, best = r, rank_load[r]
-            for r in prefer.get(items[i][1], ()):
-                if r in used and used[r] < S and r not in holds and rank_load[r] <= best + tolerance:
-                    rank, best = r, rank_load[r]
-                    break
+            r = prefer[items[i][1]] if prefer else -1
+            if r != rank and r in used and used[r] < S and r not in holds and rank_load[r] <= best + tolerance:
+                rank, best = r, rank_load[r]
             if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
                 slot = max(mine, key=lambda s: self.amount[s])
                 rank = slot // S
@@ -365,14 +365,18 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     bounds = np.searchsorted(node_of[order], np.arange(N + 1))
     count_list, order_list, bound_list = counts.tolist(), order.tolist(), bounds.tolist()
     items_by_node = [[[count_list[e], e] for e in order_list[bound_list[n]:bound_list[n + 1]]] for n in range(N)]
-    prefer: dict[int, list[int]] = {}
-    if prev is not None:
-        used = np.flatnonzero(prev.phys_to_log >= 0)
-        for slot, expert in zip(used.tolist(), prev.phys_to_log[used].tolist()):
-            prefer.setdefault(expert, []).append(slot // S)
-    if config.cross_node and N > 1:
-        prev_nodes = {e: {r // G for r in rks} - {int(node_of[e])} for e, rks in prefer.items()}
-        _shed_across_nodes(items_by_node, int(counts.sum()), topo, prev_nodes, config.min_shed)
+    # Each expert's rank in the previous micro-batch (its home copy's), for sticky packing.
+    prefer = [] if prev is None else (prev.home // S).tolist()
+    total = int(counts.sum())
+    node_load_N = np.bincount(node_of, weights=counts, minlength=N)
+    if config.cross_node and N > 1 and node_load_N.max() - total / N > config.min_shed * total / N:
+        prev_nodes: dict[int, set[int]] = {}
+        if prev is not None:
+            used = np.flatnonzero(prev.phys_to_log >= 0)
+            for slot, expert in zip(used.tolist(), prev.phys_to_log[used].tolist()):
+                if slot // S // G != node_of[expert]:
+                    prev_nodes.setdefault(expert, set()).add(slot // S // G)
+        _shed_across_nodes(items_by_node, total, topo, prev_nodes, config.min_shed)
     phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
     quota = np.zeros(topo.num_slots, dtype=np.int64)
     for n, items in enumerate(items_by_node):
