@@ -326,23 +326,31 @@ class _NodePack:
                     amount[s] = max(0.0, fill - b)
                     rank_load[s // S] = b + amount[s]
 
-    def write(self, phys_to_log: np.ndarray, quota: np.ndarray) -> None:
-        """Whole token counts into the plan: copies get the floor of their share, the largest copy
-        the rest, so an expert's quotas sum exactly to its count."""
-        out_slots, out_experts, out_quota = [], [], []
-        for (item_load, expert), slots in zip(self.items, self.slots_of):
-            if len(slots) == 1:
-                out_slots.append(slots[0])
-                out_experts.append(expert)
-                out_quota.append(item_load)
-                continue
-            whole = [int(self.amount[s]) for s in slots]
-            whole[max(range(len(slots)), key=lambda j: self.amount[slots[j]])] += item_load - sum(whole)
-            out_slots.extend(slots)
-            out_experts.extend([expert] * len(slots))
-            out_quota.extend(whole)
-        phys_to_log[out_slots] = out_experts
-        quota[out_slots] = out_quota
+    def pieces(self, slots: list[int], experts: list[int], amounts: list[float]) -> None:
+        """Append every piece as (slot, expert, token slots as a float)."""
+        for (_, expert), mine in zip(self.items, self.slots_of):
+            for slot in mine:
+                slots.append(slot)
+                experts.append(expert)
+                amounts.append(self.amount[slot])
+
+
+def _whole_quotas(slots: list[int], experts: list[int], amounts: list[float], counts: np.ndarray,
+                  num_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces -> (phys_to_log [P], quota [P]) in whole tokens: every copy gets the floor of its share
+    and each expert's largest copy the rest, so an expert's quotas sum exactly to its count."""
+    slot_k, expert_k = np.asarray(slots, dtype=np.int64), np.asarray(experts, dtype=np.int64)
+    amount_k = np.asarray(amounts)
+    whole_k = np.floor(amount_k + 1e-9).astype(np.int64)
+    rest_E = counts - np.bincount(expert_k, weights=whole_k, minlength=len(counts)).astype(np.int64)
+    order = np.lexsort((-amount_k, expert_k))
+    largest = order[np.searchsorted(expert_k[order], np.arange(len(counts)))]
+    whole_k[largest] += rest_E
+    phys_to_log = np.full(num_slots, -1, dtype=np.int64)
+    quota = np.zeros(num_slots, dtype=np.int64)
+    phys_to_log[slot_k] = expert_k
+    quota[slot_k] = whole_k
+    return phys_to_log, quota
 
 
 def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topology, *,
@@ -377,15 +385,16 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
                 if slot // S // G != node_of[expert]:
                     prev_nodes.setdefault(expert, set()).add(slot // S // G)
         _shed_across_nodes(items_by_node, total, topo, prev_nodes, config.min_shed)
-    phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
-    quota = np.zeros(topo.num_slots, dtype=np.int64)
+    slots: list[int] = []
+    experts: list[int] = []
+    amounts: list[float] = []
     for n, items in enumerate(items_by_node):
-        tolerance = max(config.sticky * sum(load for load, _ in items) / G, config.move_cost_tokens)
         pack = _NodePack(items, range(n * G, (n + 1) * G), S)
-        pack.fill(prefer, tolerance)
+        pack.fill(prefer, max(config.sticky * pack.level, config.move_cost_tokens))
         pack.repair()
         pack.level_replicas(config.sweeps)
-        pack.write(phys_to_log, quota)
+        pack.pieces(slots, experts, amounts)
+    phys_to_log, quota = _whole_quotas(slots, experts, amounts, counts, topo.num_slots)
     fresh = Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
                  slots_per_rank=S)
     if prev is None or config.move_cost_tokens <= 0:
