@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import time
 import uuid
@@ -69,6 +70,8 @@ from dora.runtime.loop import Stages, TrainLoop, TrainSummary
 from dora.runtime.ray_actors import ENGINE_CONCURRENCY_GROUPS, EngineActor, TrainerActor
 from dora.sync.base import SyncConfig, SyncTimeout
 from dora.types import Batch, PromptGroup, SamplingParams, Trajectory
+
+log = logging.getLogger(__name__)
 
 POLL_S = 0.2
 """Longest wait of one `poll_finished` call (bounds how long closing the stream takes)."""
@@ -160,7 +163,11 @@ class RayEngineProxy:
         return self._stats
 
     def close(self) -> None:
-        self.received = _get(self.actor.close.remote(), self.timeout_s + 30.0, f"engine {self.engine_id} to close")
+        try:
+            self.received = _get(self.actor.close.remote(), self.timeout_s + 30.0, f"engine {self.engine_id} to close")
+        except ray.exceptions.RayActorError as e:  # died earlier: that failure already reached the driver
+            log.warning("engine %d: its actor was already dead at close: %s", self.engine_id, e)
+            return
         self._raise_failed_commands()
 
 
@@ -201,7 +208,10 @@ class RayTrainerHandle:
         await _wait(self.actor.restore.remote(str(folder)), self.step_timeout_s, f"the trainer to restore {folder}")
 
     def close(self) -> None:
-        _get(self.actor.close.remote(), self.sync.timeout_s, "the trainer to close its sync channel")
+        try:
+            _get(self.actor.close.remote(), self.sync.timeout_s, "the trainer to close its sync channel")
+        except ray.exceptions.RayActorError as e:  # died earlier: that failure already reached the driver
+            log.warning("the trainer actor was already dead at close: %s", e)
 
 
 def _get(ref: ray.ObjectRef, timeout_s: float, what: str) -> Any:
@@ -238,10 +248,10 @@ def _job_env() -> dict[str, Any]:
                          "TOKENIZERS_PARALLELISM": "false"}}
 
 
-def _check_cpus(cfg: RunConfig) -> None:
+def check_cpus(cfg: RunConfig, have: float) -> None:
+    """Actors asking for more CPUs than the cluster has would wait forever: fail now instead."""
     rt = cfg.runtime
     wanted = rt.num_engines * rt.ray_engine_cpus + rt.ray_trainer_cpus
-    have = ray.cluster_resources().get("CPU", 0.0)
     if wanted > have:
         raise ValueError(f"runtime: {rt.num_engines} engine actors x runtime.ray_engine_cpus={rt.ray_engine_cpus} + "
                          f"runtime.ray_trainer_cpus={rt.ray_trainer_cpus} = {wanted:g} CPUs, but the Ray cluster "
@@ -265,7 +275,7 @@ class RayActors:
 def build_ray_stages(cfg: RunConfig, sync: SyncConfig, actors: RayActors, timings: dict[str, float]) -> Stages:
     start = time.monotonic()
     rt = cfg.runtime
-    _check_cpus(cfg)
+    check_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     torch.set_num_threads(rt.engine_threads)
     torch.manual_seed(cfg.seed)
     # No per-actor runtime_env: such actors need workers of their own (~2 s more start-up here).
@@ -308,6 +318,8 @@ def train_ray(cfg: RunConfig, run_dir: Path) -> TrainSummary:
     channel) next to the metrics."""
     timings: dict[str, float] = {}
     sync = ray_sync_config(cfg)
+    if not cfg.runtime.ray_address and not ray.is_initialized():
+        check_cpus(cfg, float(os.cpu_count() or 1))  # the local cluster's size, known before starting it
     start = time.monotonic()
     started_ray = init_ray(cfg)
     timings["ray_init_s"] = time.monotonic() - start

@@ -12,7 +12,7 @@ from dora.data.tokenizer import CharTokenizer
 from dora.models.config import ModelConfig
 from dora.models.io import load_state_dict
 from dora.models.model import DecoderLM
-from dora.runtime.ray_runtime import PublishedMarker, RayEngineProxy, ray_sync_config
+from dora.runtime.ray_runtime import PublishedMarker, RayEngineProxy, ray_sync_config, train_ray
 from dora.telemetry.metrics import read_jsonl
 
 ray = pytest.importorskip("ray")
@@ -25,8 +25,6 @@ SMALL = ["model=tiny_random", "rollout.batch_groups=2", "rollout.group_size=4", 
 
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory):
-    from dora.runtime.ray_runtime import train_ray
-
     if ray.is_initialized():  # another module's cluster: this test checks its own start and teardown
         ray.shutdown()
     run_dir = tmp_path_factory.mktemp("ray") / "run"
@@ -100,3 +98,11 @@ def test_sync_config_for_ray_and_bad_marker():
     with pytest.raises(TypeError, match="version 3"):
         proxy.add_version(3, PublishedMarker(2, "shm", 0))
     assert len(PublishedMarker(2, "shm", 0)) == 0
+
+
+def test_more_cpus_than_the_machine_fails_before_starting_ray(tmp_path):
+    cfg = compose_config("grpo_tiny", ["runtime=ray", "runtime.num_engines=2", "runtime.ray_engine_cpus=64",
+                                       f"logging.run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"runtime.ray_engine_cpus=64.0 \+ runtime.ray_trainer_cpus"):
+        train_ray(cfg, tmp_path)
+    assert not ray.is_initialized()
