@@ -147,8 +147,9 @@ class EngineActor:
         deadline = start + self.sync.timeout_s
         with self._commands:
             if not self._commands.wait_for(lambda: self._next_seq >= after_commands, self.sync.timeout_s):
-                raise TimeoutError(f"engine {self.engine_id}: loading version {version} waited {self.sync.timeout_s:g} s "
-                                   f"for the driver's commands before it (applied {self._next_seq} of {after_commands})")
+                raise TimeoutError(f"engine {self.engine_id}: loading version {version} waited "
+                                   f"{self.sync.timeout_s:g} s for the driver's commands before it "
+                                   f"(applied {self._next_seq} of {after_commands})")
         with self._versions:
             while version not in self._staged:
                 self.receiver.raise_if_failed()

@@ -65,10 +65,15 @@ import torch
 from dora.config import RunConfig
 from dora.data.prompt_source import PromptSource
 from dora.engines.base import EngineStats, GroupHandle
-from dora.runtime.components import build_rewards, build_scheduler, build_tokenizer, engine_config
+from dora.runtime.components import (
+    build_rewards,
+    build_scheduler,
+    build_tokenizer,
+    engine_config,
+)
 from dora.runtime.loop import Stages, TrainLoop, TrainSummary
 from dora.runtime.ray_actors import ENGINE_CONCURRENCY_GROUPS, EngineActor, TrainerActor
-from dora.sync.base import SyncConfig, SyncTimeout
+from dora.sync.base import SyncConfig
 from dora.types import Batch, PromptGroup, SamplingParams, Trajectory
 
 log = logging.getLogger(__name__)
@@ -183,7 +188,7 @@ class RayTrainerHandle:
         self.publish_s: list[float] = []
 
     async def train_step(self, batch: Batch) -> dict[str, Any]:
-        return await _wait(self.actor.train_step.remote(batch), self.step_timeout_s, f"train step on batch {batch.step}")
+        return await _wait(self.actor.train_step.remote(batch), self.step_timeout_s, f"train step {batch.step}")
 
     async def publish(self, version: int) -> Mapping[str, torch.Tensor]:
         if self._last_published is not None:

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import ray
 import torch
 
 from dora.cli import compose_config
@@ -12,10 +13,13 @@ from dora.data.tokenizer import CharTokenizer
 from dora.models.config import ModelConfig
 from dora.models.io import load_state_dict
 from dora.models.model import DecoderLM
-from dora.runtime.ray_runtime import PublishedMarker, RayEngineProxy, ray_sync_config, train_ray
+from dora.runtime.ray_runtime import (
+    PublishedMarker,
+    RayEngineProxy,
+    ray_sync_config,
+    train_ray,
+)
 from dora.telemetry.metrics import read_jsonl
-
-ray = pytest.importorskip("ray")
 
 STEPS, K, ENGINES = 3, 1, 2
 SMALL = ["model=tiny_random", "rollout.batch_groups=2", "rollout.group_size=4", "sampling.max_new_tokens=16",
@@ -60,7 +64,7 @@ def test_ray_run_trains_with_bounded_staleness(ray_run):
 
 
 def test_every_version_reached_every_engine_over_the_channel(ray_run):
-    cfg, run_dir, summary = ray_run
+    _, run_dir, summary = ray_run
     report = json.loads((run_dir / "ray_runtime.json").read_text())
     assert report == summary.extra["ray"]
     assert report["sync_channel"] == "shm" and report["cluster"] == "local"
@@ -80,7 +84,7 @@ def test_every_version_reached_every_engine_over_the_channel(ray_run):
 
 
 def test_everything_is_torn_down(ray_run):
-    _, run_dir, summary = ray_run
+    *_, summary = ray_run
     assert not ray.is_initialized()
     name = summary.extra["ray"]["sync_name"]
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(name)]
