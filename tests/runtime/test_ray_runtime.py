@@ -1,5 +1,5 @@
 """A short run of the Ray runtime with real actors: two engine actors and a trainer actor on a local
-Ray cluster, weights over the shared-memory channel (one run for the module, ~25 s on 2 cores)."""
+Ray cluster, weights over the shared-memory channel (one run for the module: 30-45 s on a busy 2-core machine)."""
 
 import json
 import os
