@@ -15,3 +15,8 @@ def misbehaving(response, answer, meta):
     if response.startswith("nan"):
         return float("nan")
     return 1.0 if response == answer else 0.5
+
+
+def digit_fraction(response, answer, meta):
+    """A reward any policy can climb quickly: the share of digits in the response (learning tests)."""
+    return sum(c.isdigit() for c in response) / max(len(response), 1)
