@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dora.rollout.sim_runs import (BASELINES, MODES, PRESETS, ModeRun, ModeSearch, Scenario, best_arrangement,
-                                   load_calibration, run_calibrated, run_mode)
+                                   load_calibration, overlap_ceiling, run_calibrated, run_mode)
 
 DEFAULT_MODES = ("sync", "one_step_off", "partial_rollout", "dora_k1", "dora_k2", "dora_k1:m1", "dora_k2:m1")
 
@@ -59,6 +59,9 @@ def report(scenario: Scenario, runs: dict[str, ModeRun], searches: dict[str, Mod
             if b in runs:
                 ratios[f"vs_{b}"] = runs[best].trained_tokens_per_s / runs[b].trained_tokens_per_s
     c = scenario.cluster
+    bounds = overlap_ceiling(scenario)
+    if "sync" in runs:
+        bounds["overlap_ceiling_vs_sync"] = bounds["overlap_ceiling_tokens_per_s"] / runs["sync"].trained_tokens_per_s
     return {
         "scenario": {"name": scenario.name, "description": scenario.description,
                      "accelerators": c.num_accelerators, "accelerator": c.accelerator.name, "tp": c.tp,
@@ -68,6 +71,7 @@ def report(scenario: Scenario, runs: dict[str, ModeRun], searches: dict[str, Mod
                      "num_steps": scenario.num_steps, "warmup_steps": scenario.warmup_steps,
                      "efficiency": {k: getattr(c.eff, k) for k in c.eff.__slots__}},
         "modes": {m: r.summary() for m, r in runs.items()},
+        "bounds": bounds,
         "best": best,
         "ratios": ratios,
         "search": {m: [{"arrangement": "colocated" if r.arrangement.colocated else "split",
@@ -140,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(console, f"{scenario.name}: {scenario.description}", runs, c.tp, c.num_accelerators)
     if out["best"] is not None:
         console.print(f"best dora mode: {out['best']}  " + "  ".join(f"{k} {v:.2f}x" for k, v in out["ratios"].items()))
+    b = out["bounds"]
+    sync = runs["sync"].trained_tokens_per_s if "sync" in runs else None
+    console.print(f"per step at best: generate {b['gen_s']:,.0f} s on all accelerators + train {b['train_s']:,.0f} s on all;"
+                  f" any overlapped split <= {b['overlap_ceiling_tokens_per_s']:,.0f} trained tok/s"
+                  + (f" = {b['overlap_ceiling_tokens_per_s'] / sync:.2f}x sync" if sync else ""))
+    if "ratios_same_split" in out:
+        console.print(f"best dora mode vs synchronous on the same split: {out['ratios_same_split']['vs_sync']:.2f}x")
     console.print(f"simulated in {out['sim_seconds']:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))

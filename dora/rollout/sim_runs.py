@@ -158,6 +158,24 @@ def balanced_split(scenario: Scenario, versions: int = 1) -> float:
     return c.num_accelerators * train_per_accel / (gen_per_engine + c.tp * train_per_accel)
 
 
+def overlap_ceiling(scenario: Scenario) -> dict[str, float]:
+    """Where the time of a step goes at best: generating its tokens with every accelerator decoding
+    full batches (`gen_s`), and training on every accelerator (`train_s`). Any split of the cluster
+    that overlaps the two runs at most tokens / (gen_s + train_s): with a fraction f generating,
+    throughput is min(f * G, (1 - f) * T) <= G * T / (G + T). Approximate: it uses the mean context
+    of a running sequence for the decode rate."""
+    c = scenario.cluster
+    mean, _ = _moments(scenario.lengths, scenario.group_size)
+    samples = scenario.batch_groups * scenario.group_size
+    tokens = samples * (scenario.prompt_len + mean)
+    seqs = c.max_seqs(1, scenario.tokens_per_running_seq(), scenario.group_size)
+    gen_per_engine = seqs / c.decode_cost().step_s(seqs, 1, seqs * scenario.tokens_per_running_seq())
+    gen_s = samples * mean / (gen_per_engine * c.max_engines)
+    train_s = c.train_s(int(tokens), c.num_accelerators)
+    return {"tokens_per_step": tokens, "gen_s": gen_s, "train_s": train_s,
+            "overlap_ceiling_tokens_per_s": tokens / (gen_s + train_s)}
+
+
 def arrangements(scenario: Scenario, mode: str, **overrides: Any) -> list[Arrangement]:
     """The first arrangements to try: colocated for a mode without overlap (k = 0), else the splits
     around the balanced one."""
