@@ -6,6 +6,7 @@ STAMP := $(VENV)/.dora-installed
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+RECIPE ?= grpo_tiny
 
 .PHONY: setup train test fuzz clean-venv
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	@touch $@
 
 train: setup
-	$(VENV)/bin/dora-train $(ARGS)
+	$(VENV)/bin/dora-train $(RECIPE) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
