@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from dora.rollout.sim import DecodeCost
 
@@ -241,7 +241,3 @@ class ClusterWorkload:
 
     def load_time(self, version: int) -> float:
         return self.cluster.sync_s(self.arrangement.colocated)
-
-
-def with_efficiency(cluster: Cluster, **changes: float) -> Cluster:
-    return replace(cluster, eff=replace(cluster.eff, **changes))

@@ -1,7 +1,7 @@
 """Discrete-event simulation of the scheduler core against simulated engines and a simulated trainer.
 
-Used by the property tests (`tests/rollout/`) and by the cluster-scale simulator (`tools/simulate.py`,
-cost models in `dora.rollout.cluster_sim`): the same `Scheduler` that drives real engines runs here on
+Used by the property tests (`tests/rollout/`) and by the cluster-scale simulator (`tools/simulate.py`;
+cost models in `dora.rollout.cluster_sim`, scenarios in `dora.rollout.sim_runs`): the same `Scheduler` that drives real engines runs here on
 a simulated clock, so schedules are fast and deterministic. No wall clock is read anywhere.
 
 Engine model: an engine decodes all its running sequences together, one token each per decode step

@@ -10,7 +10,7 @@ import pytest
 from dora.rollout.cluster_sim import (H800, QWEN25_32B, Arrangement, Cluster, ClusterWorkload, DenseModel, Efficiency,
                                       LengthModel)
 from dora.rollout.config import RolloutConfig
-from dora.rollout.sim import DecodeCost, SimEngine, SimWorkload, simulate, _Seq
+from dora.rollout.sim import DecodeCost, SimEngine, SimWorkload, _Seq, simulate
 from dora.rollout.sim_runs import (Scenario, balanced_split, best_arrangement, load_calibration, mode_config,
                                    run_calibrated, run_mode)
 from dora.types import PromptGroup
