@@ -123,7 +123,7 @@ def measure(mode: str, config: RolloutConfig, arrangement: Arrangement, result: 
     stale = sum(s * c for s, c in result.metrics.staleness.items()) / samples if samples else 0.0
     engines = len(result.engine_seq_s)
     return ModeRun(mode, arrangement, config, result, sum(s.tokens for s in window) / span, span / len(window),
-                   1.0 - busy / span, result.idle_fraction, sum(result.engine_seq_s) / (engines * result.end_time),
+                   max(0.0, 1.0 - busy / span), result.idle_fraction, sum(result.engine_seq_s) / (engines * result.end_time),
                    stale, max((len(v) for _, v in result.metrics.live_versions), default=0))
 
 
@@ -212,7 +212,7 @@ def best_arrangement(scenario: Scenario, mode: str, **overrides: Any) -> ModeSea
     return ModeSearch(max(runs, key=lambda r: r.trained_tokens_per_s), runs)
 
 
-def dora_paper(num_steps: int = 6, warmup_steps: int = 2) -> Scenario:
+def dora_paper(num_steps: int = 10, warmup_steps: int = 3) -> Scenario:
     """The DORA paper's setup (arXiv 2604.26256): 128 accelerators, a 32B dense model, DAPO-Math with
     a 30K maximum output.
 
