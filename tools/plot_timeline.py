@@ -18,8 +18,11 @@ from matplotlib.patches import Patch  # noqa: E402
 from dora.telemetry.timeline import load_spans  # noqa: E402
 
 
-def plot(trace: Path, out: Path, title: str | None = None) -> Path:
+def plot(trace: Path, out: Path, title: str | None = None, window: tuple[float, float] | None = None) -> Path:
     lanes = load_spans(trace)
+    if window is not None:
+        lanes = {name: [s for s in spans if s["end"] >= window[0] and s["start"] <= window[1]]
+                 for name, spans in lanes.items()}
     names = sorted(lanes, key=lambda n: (not n.startswith("trainer"), not n.startswith("sync"), n))
     versions = sorted({s["args"].get("version") for spans in lanes.values() for s in spans
                        if s["args"].get("version") is not None})
@@ -33,6 +36,8 @@ def plot(trace: Path, out: Path, title: str | None = None) -> Path:
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
+    if window is not None:
+        ax.set_xlim(*window)
     ax.set_title(title or trace.parent.name)
     if versions:
         handles = [Patch(color=colour[v], label=f"v{v}") for v in versions[-10:]]
@@ -49,8 +54,11 @@ def main() -> None:
     parser.add_argument("trace", type=Path)
     parser.add_argument("-o", "--out", type=Path, default=None)
     parser.add_argument("--title", default=None)
+    parser.add_argument("--window", type=float, nargs=2, metavar=("START", "END"), default=None,
+                        help="only this time range (seconds), to see individual versions")
     args = parser.parse_args()
-    out = plot(args.trace, args.out or args.trace.with_suffix(".png"), args.title)
+    out = plot(args.trace, args.out or args.trace.with_suffix(".png"), args.title,
+               tuple(args.window) if args.window else None)
     print(out)
 
 
