@@ -200,23 +200,28 @@ def contiguous_plan(counts_E: np.ndarray, topo: Topology) -> Plan:
 
 class _NodePack:
     """One node's packing for one micro-batch: pieces of its items ([load, expert]) on its ranks'
-    slots. Loads are float token slots until `write` rounds them to whole tokens."""
+    slots. Loads are float token slots until `write` rounds them to whole tokens.
 
-    __slots__ = ("S", "amount", "items", "level", "rank_load", "ranks", "slots_of", "used")
+    State lives in flat lists indexed by the node's local rank (0..G-1) and local slot (rank * S +
+    k): this runs once per node, micro-batch and layer, so per-piece Python overhead is the cost."""
 
-    def __init__(self, items: list[list[int]], ranks: range, S: int) -> None:
-        self.items, self.ranks, self.S = items, ranks, S
-        self.level = -(-sum(load for load, _ in items) // len(ranks))
-        self.rank_load = dict.fromkeys(ranks, 0.0)
-        self.used = dict.fromkeys(ranks, 0)
+    __slots__ = ("G", "S", "amount", "item_at", "items", "level", "load", "r0", "slots_of", "used")
+
+    def __init__(self, items: list[list[int]], r0: int, G: int, S: int) -> None:
+        self.items, self.r0, self.G, self.S = items, r0, G, S
+        self.level = -(-sum(load for load, _ in items) // G)
+        self.load = [0.0] * G
+        self.used = [0] * G
+        self.amount = [0.0] * (G * S)
+        self.item_at = [-1] * (G * S)
         self.slots_of: list[list[int]] = [[] for _ in items]
-        self.amount: dict[int, float] = {}
 
     def _new_slot(self, rank: int, i: int, amount: float) -> int:
         slot = rank * self.S + self.used[rank]
         self.used[rank] += 1
         self.slots_of[i].append(slot)
         self.amount[slot] = amount
+        self.item_at[slot] = i
         return slot
 
     def fill(self, prefer: list[int], tolerance: float) -> None:
@@ -226,83 +231,97 @@ class _NodePack:
         piece goes to `prefer[expert]` (the rank of the expert's home copy in the previous
         micro-batch; empty list = none) when that rank is within `tolerance` token slots of the
         lightest."""
-        items, S, rank_load, used = self.items, self.S, self.rank_load, self.used
-        slots_left = len(self.ranks) * S
+        items, G, S, r0, level = self.items, self.G, self.S, self.r0, self.level
+        load, used, amount, item_at, slots_of = self.load, self.used, self.amount, self.item_at, self.slots_of
+        inf = float("inf")
+        avail = [0.0] * G  # a rank's load while it has a free slot, inf once full: min() finds the lightest
+        slots_left = G * S
         remainders: list[tuple[float, int]] = []  # split-off rests, merged with the sorted items
-        nxt, inf = 0, float("inf")
-        while nxt < len(items) or remainders:
-            if remainders and (nxt == len(items) or -remainders[0][0] > items[nxt][0]):
+        num_items, nxt = len(items), 0
+        while nxt < num_items or remainders:
+            if remainders and (nxt == num_items or -remainders[0][0] > items[nxt][0]):
                 neg_x, i = heapq.heappop(remainders)
                 x = -neg_x
             else:
                 x, i = float(items[nxt][0]), nxt
                 nxt += 1
-            mine = self.slots_of[i]
-            holds = {s // S for s in mine} if mine else ()
-            rank, best = -1, inf
-            for r in self.ranks:  # the lightest rank with a free slot, one copy per rank
-                if used[r] < S and rank_load[r] < best and r not in holds:
-                    rank, best = r, rank_load[r]
-            r = prefer[items[i][1]] if prefer else -1
-            if r != rank and r in used and used[r] < S and r not in holds and rank_load[r] <= best + tolerance:
-                rank, best = r, rank_load[r]
-            if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
-                slot = max(mine, key=lambda s: self.amount[s])
-                rank = slot // S
-                self.amount[slot] += x
+            mine = slots_of[i]
+            if mine:  # a split rest: one copy per rank, so skip the ranks already holding the item
+                holds = {s // S for s in mine}
+                rank, best = -1, inf
+                for r in range(G):
+                    if avail[r] < best and r not in holds:
+                        rank, best = r, avail[r]
             else:
-                room = self.level - best
-                queued = len(items) - nxt + len(remainders)
-                if x > room > 0 and slots_left - 1 >= queued + 1:
+                holds = ()
+                best = min(avail)
+                rank = avail.index(best) if best < inf else -1
+            if prefer:
+                p = prefer[items[i][1]] - r0
+                if p != rank and 0 <= p < G and used[p] < S and p not in holds and load[p] <= best + tolerance:
+                    rank, best = p, load[p]
+            if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
+                slot = max(mine, key=amount.__getitem__)
+                rank = slot // S
+                amount[slot] += x
+            else:
+                room = level - best
+                if x > room > 0 and slots_left - 1 >= num_items - nxt + len(remainders) + 1:
                     heapq.heappush(remainders, (room - x, i))
                     x = room
-                self._new_slot(rank, i, x)
+                slot = rank * S + used[rank]
+                used[rank] += 1
+                mine.append(slot)
+                amount[slot] = x
+                item_at[slot] = i
                 slots_left -= 1
-            rank_load[rank] += x
+            load[rank] += x
+            avail[rank] = load[rank] if used[rank] < S else inf
 
     def repair(self) -> None:
         """Take load off ranks still above the level: into a free slot of a lighter rank (a new copy
         of the loaded rank's largest piece), or, when only the loaded rank has free slots, by a swap:
         a light rank's smallest piece moves to the loaded rank and its slot takes the new copy."""
-        S, rank_load, used, amount, slots_of = self.S, self.rank_load, self.used, self.amount, self.slots_of
-        item_of = {slot: i for i, slots in enumerate(slots_of) for slot in slots}
-        for _ in range(len(self.ranks)):
-            top = max(self.ranks, key=lambda r: (rank_load[r], -r))
-            excess = rank_load[top] - self.level
+        G, S, level = self.G, self.S, self.level
+        load, used, amount, slots_of, item_at = self.load, self.used, self.amount, self.slots_of, self.item_at
+        for _ in range(G):
+            peak = max(load)
+            top = load.index(peak)  # the lowest rank on ties
+            excess = peak - level
             if excess <= 0.5:
                 return
             moved = False
-            for low in sorted((r for r in self.ranks if rank_load[r] < self.level), key=lambda r: (rank_load[r], r)):
+            for low in sorted((r for r in range(G) if load[r] < level), key=lambda r: (load[r], r)):
                 src = max((s for s in range(top * S, top * S + used[top])
-                           if all(t // S != low for t in slots_of[item_of[s]])),
+                           if all(t // S != low for t in slots_of[item_at[s]])),
                           key=lambda s: (amount[s], -s), default=-1)
                 if src < 0:
                     continue
-                i, move = item_of[src], min(excess, self.level - rank_load[low])
+                i, move = item_at[src], min(excess, level - load[low])
                 if used[low] < S and amount[src] > 0:
                     move = min(move, amount[src])
-                    item_of[self._new_slot(low, i, move)] = i
+                    self._new_slot(low, i, move)
                     amount[src] -= move
                 elif used[top] < S:
                     swappable = [t for t in range(low * S, low * S + used[low])
-                                 if item_of[t] != i and all(u // S != top for u in slots_of[item_of[t]])]
+                                 if item_at[t] != i and all(u // S != top for u in slots_of[item_at[t]])]
                     if not swappable:
                         continue
                     slot = min(swappable, key=lambda t: (amount[t], t))
-                    j, small = item_of[slot], amount[slot]
+                    j, small = item_at[slot], amount[slot]
                     if amount[src] < small + move:
                         continue
                     new = top * S + used[top]  # j's piece moves to top ...
                     used[top] += 1
                     slots_of[j][slots_of[j].index(slot)] = new
-                    item_of[new], amount[new] = j, small
+                    item_at[new], amount[new] = j, small
                     slots_of[i].append(slot)  # ... and its slot on `low` takes i's new copy
-                    item_of[slot], amount[slot] = i, small + move
+                    item_at[slot], amount[slot] = i, small + move
                     amount[src] -= small + move
                 else:
                     continue
-                rank_load[top] -= move
-                rank_load[low] += move
+                load[top] -= move
+                load[low] += move
                 moved = True
                 break
             if not moved:
@@ -311,12 +330,12 @@ class _NodePack:
     def level_replicas(self, sweeps: int) -> None:
         """Water-fill each replicated item's tokens over its copies' ranks (the other items held
         fixed), heaviest first, for `sweeps` passes: the uneven quotas."""
-        S, rank_load, amount = self.S, self.rank_load, self.amount
+        S, load, amount, items = self.S, self.load, self.amount, self.items
         multi = [i for i, slots in enumerate(self.slots_of) if len(slots) > 1]
         for _ in range(sweeps if multi else 0):
             for i in multi:
-                base = sorted((rank_load[s // S] - amount[s], s) for s in self.slots_of[i])
-                total, acc, fill = float(self.items[i][0]), 0.0, 0.0
+                base = sorted((load[s // S] - amount[s], s) for s in self.slots_of[i])
+                total, acc, fill = float(items[i][0]), 0.0, 0.0
                 for j, (b, _) in enumerate(base):
                     acc += b
                     fill = (total + acc) / (j + 1)
@@ -324,15 +343,16 @@ class _NodePack:
                         break
                 for b, s in base:
                     amount[s] = max(0.0, fill - b)
-                    rank_load[s // S] = b + amount[s]
+                    load[s // S] = b + amount[s]
 
     def pieces(self, slots: list[int], experts: list[int], amounts: list[float]) -> None:
-        """Append every piece as (slot, expert, token slots as a float)."""
+        """Append every piece as (global slot, expert, token slots as a float), item by item."""
+        off, amount = self.r0 * self.S, self.amount
         for (_, expert), mine in zip(self.items, self.slots_of):
             for slot in mine:
-                slots.append(slot)
+                slots.append(slot + off)
                 experts.append(expert)
-                amounts.append(self.amount[slot])
+                amounts.append(amount[slot])
 
 
 def _whole_quotas(slots: list[int], experts: list[int], amounts: list[float], counts: np.ndarray,
@@ -389,7 +409,7 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     experts: list[int] = []
     amounts: list[float] = []
     for n, items in enumerate(items_by_node):
-        pack = _NodePack(items, range(n * G, (n + 1) * G), S)
+        pack = _NodePack(items, n * G, G, S)
         pack.fill(prefer, max(config.sticky * pack.level, config.move_cost_tokens))
         pack.repair()
         pack.level_replicas(config.sweeps)
