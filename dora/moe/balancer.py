@@ -36,6 +36,7 @@ Shape legend: M micro-batches of a step, E experts, R ranks, G ranks per node, N
 from __future__ import annotations
 
 import heapq
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -291,10 +292,11 @@ class _NodePack:
             if excess <= 0.5:
                 return
             moved = False
+            # The top rank's pieces, largest first (lowest slot on ties): the first whose item has no
+            # copy on `low` is the one to take from.
+            candidates = sorted(range(top * S, top * S + used[top]), key=lambda s: (-amount[s], s))
             for low in sorted((r for r in range(G) if load[r] < level), key=lambda r: (load[r], r)):
-                src = max((s for s in range(top * S, top * S + used[top])
-                           if all(t // S != low for t in slots_of[item_at[s]])),
-                          key=lambda s: (amount[s], -s), default=-1)
+                src = next((s for s in candidates if all(t // S != low for t in slots_of[item_at[s]])), -1)
                 if src < 0:
                     continue
                 i, move = item_at[src], min(excess, level - load[low])
@@ -347,12 +349,11 @@ class _NodePack:
 
     def pieces(self, slots: list[int], experts: list[int], amounts: list[float]) -> None:
         """Append every piece as (global slot, expert, token slots as a float), item by item."""
-        off, amount = self.r0 * self.S, self.amount
-        for (_, expert), mine in zip(self.items, self.slots_of):
-            for slot in mine:
-                slots.append(slot + off)
-                experts.append(expert)
-                amounts.append(amount[slot])
+        off, amount, items, item_at = self.r0 * self.S, self.amount, self.items, self.item_at
+        local = list(chain.from_iterable(self.slots_of))
+        slots.extend([slot + off for slot in local])
+        experts.extend([items[item_at[slot]][1] for slot in local])
+        amounts.extend([amount[slot] for slot in local])
 
 
 def _whole_quotas(slots: list[int], experts: list[int], amounts: list[float], counts: np.ndarray,
