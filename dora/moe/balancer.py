@@ -206,13 +206,14 @@ class _NodePack:
     State lives in flat lists indexed by the node's local rank (0..G-1) and local slot (rank * S +
     k): this runs once per node, micro-batch and layer, so per-piece Python overhead is the cost."""
 
-    __slots__ = ("G", "S", "amount", "item_at", "items", "level", "load", "r0", "slots_of", "used")
+    __slots__ = ("G", "S", "amount", "avail", "item_at", "items", "level", "load", "r0", "slots_of", "used")
 
     def __init__(self, items: list[list[int]], r0: int, G: int, S: int) -> None:
         self.items, self.r0, self.G, self.S = items, r0, G, S
         self.level = -(-sum(load for load, _ in items) // G)
         self.load = [0.0] * G
         self.used = [0] * G
+        self.avail = [0.0] * G  # a rank's load while it has a free slot, inf once full
         self.amount = [0.0] * (G * S)
         self.item_at = [-1] * (G * S)
         self.slots_of: list[list[int]] = [[] for _ in items]
@@ -231,34 +232,60 @@ class _NodePack:
         rest, the rank takes exactly up to the level and the rest is queued as another replica. A
         piece goes to `prefer[expert]` (the rank of the expert's home copy in the previous
         micro-batch; empty list = none) when that rank is within `tolerance` token slots of the
-        lightest."""
-        items, G, S, r0, level = self.items, self.G, self.S, self.r0, self.level
-        load, used, amount, item_at, slots_of = self.load, self.used, self.amount, self.item_at, self.slots_of
+        lightest.
+
+        Items arrive sorted; split-off rests wait in a heap and go before any lighter item. A fresh
+        item has no copy yet, so its rank is simply the lightest with a free slot (`avail`)."""
+        items, G, S, level = self.items, self.G, self.S, self.level
+        load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
         inf = float("inf")
-        avail = [0.0] * G  # a rank's load while it has a free slot, inf once full: min() finds the lightest
-        slots_left = G * S
-        remainders: list[tuple[float, int]] = []  # split-off rests, merged with the sorted items
-        num_items, nxt = len(items), 0
-        while nxt < num_items or remainders:
-            if remainders and (nxt == num_items or -remainders[0][0] > items[nxt][0]):
-                neg_x, i = heapq.heappop(remainders)
-                x = -neg_x
-            else:
-                x, i = float(items[nxt][0]), nxt
-                nxt += 1
+        pref = [prefer[expert] - self.r0 for _, expert in items] if prefer else None
+        slots_left, num_items = G * S, len(items)
+        rests: list[tuple[float, int]] = []  # (-load, item) of split-off rests
+        for i, (count, _) in enumerate(items):
+            if rests and -rests[0][0] > count:
+                slots_left = self._place_rests(rests, count, i, pref, tolerance, slots_left)
+            x = float(count)
+            best = min(avail)
+            assert best < inf, "node packing ran out of slots"  # node budgets leave a slot per item
+            rank = avail.index(best)
+            if pref is not None:
+                p = pref[i]
+                if p != rank and 0 <= p < G and used[p] < S and load[p] <= best + tolerance:
+                    rank, best = p, load[p]
+            room = level - best
+            if x > room > 0 and slots_left - 1 >= num_items - i + len(rests):
+                heapq.heappush(rests, (room - x, i))
+                x = room
+            slot = rank * S + used[rank]
+            used[rank] += 1
+            slots_of[i].append(slot)
+            amount[slot] = x
+            item_at[slot] = i
+            slots_left -= 1
+            load[rank] += x
+            avail[rank] = load[rank] if used[rank] < S else inf
+        if rests:
+            self._place_rests(rests, -inf, num_items, pref, tolerance, slots_left)
+
+    def _place_rests(self, rests: list[tuple[float, int]], above: float, nxt: int, pref: list[int] | None,
+                     tolerance: float, slots_left: int) -> int:
+        """`fill` for the queued rests heavier than `above` (`nxt` items not yet placed); returns the
+        slots left. A rest avoids the ranks that already hold its item."""
+        G, S, level, num_items = self.G, self.S, self.level, len(self.items)
+        load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
+        inf = float("inf")
+        while rests and -rests[0][0] > above:
+            neg_x, i = heapq.heappop(rests)
+            x = -neg_x
             mine = slots_of[i]
-            if mine:  # a split rest: one copy per rank, so skip the ranks already holding the item
-                holds = {s // S for s in mine}
-                rank, best = -1, inf
-                for r in range(G):
-                    if avail[r] < best and r not in holds:
-                        rank, best = r, avail[r]
-            else:
-                holds = ()
-                best = min(avail)
-                rank = avail.index(best) if best < inf else -1
-            if prefer:
-                p = prefer[items[i][1]] - r0
+            holds = {s // S for s in mine}
+            rank, best = -1, inf
+            for r in range(G):
+                if avail[r] < best and r not in holds:
+                    rank, best = r, avail[r]
+            if pref is not None:
+                p = pref[i]
                 if p != rank and 0 <= p < G and used[p] < S and p not in holds and load[p] <= best + tolerance:
                     rank, best = p, load[p]
             if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
@@ -267,8 +294,8 @@ class _NodePack:
                 amount[slot] += x
             else:
                 room = level - best
-                if x > room > 0 and slots_left - 1 >= num_items - nxt + len(remainders) + 1:
-                    heapq.heappush(remainders, (room - x, i))
+                if x > room > 0 and slots_left - 1 >= num_items - nxt + len(rests) + 1:
+                    heapq.heappush(rests, (room - x, i))
                     x = room
                 slot = rank * S + used[rank]
                 used[rank] += 1
@@ -278,6 +305,7 @@ class _NodePack:
                 slots_left -= 1
             load[rank] += x
             avail[rank] = load[rank] if used[rank] < S else inf
+        return slots_left
 
     def repair(self) -> None:
         """Take load off ranks still above the level: into a free slot of a lighter rank (a new copy
@@ -333,11 +361,24 @@ class _NodePack:
         """Water-fill each replicated item's tokens over its copies' ranks (the other items held
         fixed), heaviest first, for `sweeps` passes: the uneven quotas."""
         S, load, amount, items = self.S, self.load, self.amount, self.items
-        multi = [i for i, slots in enumerate(self.slots_of) if len(slots) > 1]
+        multi = [(float(items[i][0]), slots) for i, slots in enumerate(self.slots_of) if len(slots) > 1]
         for _ in range(sweeps if multi else 0):
-            for i in multi:
-                base = sorted((load[s // S] - amount[s], s) for s in self.slots_of[i])
-                total, acc, fill = float(items[i][0]), 0.0, 0.0
+            for total, slots in multi:
+                if len(slots) == 2:  # the common case, unrolled: the same arithmetic as below
+                    s0, s1 = slots
+                    b0, b1 = load[s0 // S] - amount[s0], load[s1 // S] - amount[s1]
+                    if b1 < b0 or (b1 == b0 and s1 < s0):
+                        s0, s1, b0, b1 = s1, s0, b1, b0
+                    fill = total + b0
+                    if fill > b1:
+                        fill = (total + (b0 + b1)) / 2
+                    amount[s0] = a0 = max(0.0, fill - b0)
+                    load[s0 // S] = b0 + a0
+                    amount[s1] = a1 = max(0.0, fill - b1)
+                    load[s1 // S] = b1 + a1
+                    continue
+                base = sorted((load[s // S] - amount[s], s) for s in slots)
+                acc, fill = 0.0, 0.0
                 for j, (b, _) in enumerate(base):
                     acc += b
                     fill = (total + acc) / (j + 1)
