@@ -108,24 +108,30 @@ def place_nodes(counts_ME: np.ndarray, topo: Topology, *, swaps: int = 16) -> St
     # Loads as shares of each micro-batch's mean node load, so every micro-batch counts alike.
     share_EM = np.ascontiguousarray((w_ME * (N / np.maximum(w_ME.sum(1, keepdims=True), 1e-9))).T)
     order = np.lexsort((np.arange(E), -share_EM.max(1, initial=0), -share_EM.sum(1)))
-    node_of = np.empty(E, dtype=np.int64)
+    node_of = [0] * E
     load_NM = np.zeros((N, w_ME.shape[0]))
     penalty_N = np.zeros(N)  # +inf where a node has no item room left
-    demand = demand_E.tolist()
+    full = False  # any node without item room (penalty_N all zero until then)
+    demand, slot_room, item_room = demand_E.tolist(), slot_room_N.tolist(), item_room_N.tolist()
     for expert in order.tolist():
-        peak_N = (load_NM + share_EM[expert]).max(1)
-        peak_N += penalty_N
-        if demand[expert] > 1:  # a heavy expert avoids nodes without slot room, if any has room
-            fits = slot_room_N >= demand[expert]
+        share_M = share_EM[expert]
+        peak_N = (load_NM + share_M).max(1)
+        if full:
+            peak_N += penalty_N
+        need = demand[expert]
+        if need > 1:  # a heavy expert avoids nodes without slot room, if any has room
+            fits = np.asarray(slot_room) >= need
             if fits[penalty_N == 0].any():
                 peak_N[~fits] = np.inf
         node = int(peak_N.argmin())
         node_of[expert] = node
-        load_NM[node] += share_EM[expert]
-        slot_room_N[node] -= demand[expert]
-        item_room_N[node] -= 1
-        if item_room_N[node] == 0:
+        load_NM[node] += share_M
+        slot_room[node] -= need
+        item_room[node] -= 1
+        if item_room[node] == 0:
             penalty_N[node] = np.inf
+            full = True
+    node_of = np.asarray(node_of, dtype=np.int64)
     _swap_nodes(np.ascontiguousarray(share_EM.T), node_of, load_NM, demand_E, swaps)
     return StepPlacement(node=node_of, owner=_owners(node_of, topo))
 
@@ -148,13 +154,17 @@ def _swap_nodes(share_ME: np.ndarray, node_of: np.ndarray, load_NM: np.ndarray, 
         # peak_AB[a, b]: the larger of the two nodes' peaks after exchanging A[a] and B[b]. A loop
         # over micro-batches of [A, B] maxima (numpy reduces short axes slowly).
         share_A, share_B = share_ME[:, A], share_ME[:, B]
-        hi_AB = lo_AB = None
+        load_hi, load_lo = load_NM[hi].tolist(), load_NM[lo].tolist()
+        peak_AB = h_AB = None
         for m in range(M):
             out_AB = np.subtract.outer(share_A[m], share_B[m])  # load leaving `hi`
-            h, l = load_NM[hi, m] - out_AB, load_NM[lo, m] + out_AB
-            hi_AB = h if hi_AB is None else np.maximum(hi_AB, h, out=hi_AB)
-            lo_AB = l if lo_AB is None else np.maximum(lo_AB, l, out=lo_AB)
-        peak_AB = np.maximum(hi_AB, lo_AB)
+            h_AB = np.subtract(load_hi[m], out_AB, out=h_AB)
+            out_AB += load_lo[m]
+            if peak_AB is None:
+                peak_AB = np.maximum(h_AB, out_AB)
+            else:
+                np.maximum(peak_AB, h_AB, out=peak_AB)
+                np.maximum(peak_AB, out_AB, out=peak_AB)
         peak_AB[demand_E[A][:, None] != demand_E[B][None, :]] = np.inf
         a, b = divmod(int(peak_AB.argmin()), len(B))
         peaks_N = load_NM.max(1)
