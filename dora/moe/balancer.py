@@ -210,20 +210,21 @@ def contiguous_plan(counts_E: np.ndarray, topo: Topology) -> Plan:
 
 
 class _NodePack:
-    """One node's packing for one micro-batch: pieces of its items ([load, expert]) on its ranks'
-    slots. Loads are float token slots until `write` rounds them to whole tokens.
+    """One node's packing for one micro-batch: pieces of its items (load, expert, preferred local
+    rank or G) on its ranks' slots. Loads are float token slots until `write` rounds them to whole tokens.
 
     State lives in flat lists indexed by the node's local rank (0..G-1) and local slot (rank * S +
     k): this runs once per node, micro-batch and layer, so per-piece Python overhead is the cost."""
 
     __slots__ = ("G", "S", "amount", "avail", "item_at", "items", "level", "load", "r0", "slots_of", "used")
 
-    def __init__(self, items: list[list[int]], r0: int, G: int, S: int) -> None:
+    def __init__(self, items: list[tuple[float, int, int]], r0: int, G: int, S: int) -> None:
         self.items, self.r0, self.G, self.S = items, r0, G, S
-        self.level = -(-sum(load for load, _ in items) // G)
+        self.level = -(-sum(item[0] for item in items) // G)
         self.load = [0.0] * G
         self.used = [0] * G
-        self.avail = [0.0] * G  # a rank's load while it has a free slot, inf once full
+        # A rank's load while it has a free slot, inf once full; one more entry (inf) for "no rank".
+        self.avail = [0.0] * G + [float("inf")]
         self.amount = [0.0] * (G * S)
         self.item_at = [-1] * (G * S)
         self.slots_of: list[list[int]] = [[] for _ in items]
@@ -236,55 +237,51 @@ class _NodePack:
         self.item_at[slot] = i
         return slot
 
-    def fill(self, prefer: list[int], tolerance: float) -> None:
+    def fill(self, tolerance: float) -> None:
         """LPT with splitting: the heaviest remaining piece goes to the lightest rank (not holding
         that expert yet); if it would lift the rank above the level and a slot stays free for the
         rest, the rank takes exactly up to the level and the rest is queued as another replica. A
-        piece goes to `prefer[expert]` (the rank of the expert's home copy in the previous
-        micro-batch; empty list = none) when that rank is within `tolerance` token slots of the
-        lightest.
+        piece goes to its item's preferred rank (G = none) when that rank is within `tolerance`
+        token slots of the lightest.
 
         Items arrive sorted; split-off rests wait in a heap and go before any lighter item. A fresh
         item has no copy yet, so its rank is simply the lightest with a free slot (`avail`)."""
         items, G, S, level = self.items, self.G, self.S, self.level
         load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
         inf = float("inf")
-        pref = [prefer[expert] - self.r0 for _, expert in items] if prefer else None
         slots_left, num_items = G * S, len(items)
         rests: list[tuple[float, int]] = []  # (-load, item) of split-off rests
-        for i, (count, _) in enumerate(items):
-            if rests and -rests[0][0] > count:
-                slots_left = self._place_rests(rests, count, i, pref, tolerance, slots_left)
-            x = float(count)
+        for i, (x, _, p) in enumerate(items):
+            if rests and -rests[0][0] > x:
+                slots_left = self._place_rests(rests, x, i, tolerance, slots_left)
             best = min(avail)
             assert best < inf, "node packing ran out of slots"  # node budgets leave a slot per item
             rank = avail.index(best)
-            if pref is not None:
-                p = pref[i]
-                if p != rank and 0 <= p < G and used[p] < S and load[p] <= best + tolerance:
-                    rank, best = p, load[p]
+            if p != rank and avail[p] <= best + tolerance:  # avail[G] is inf: no preference
+                rank, best = p, avail[p]
             room = level - best
             if x > room > 0 and slots_left - 1 >= num_items - i + len(rests):
                 heapq.heappush(rests, (room - x, i))
                 x = room
-            slot = rank * S + used[rank]
-            used[rank] += 1
+            k = used[rank]
+            slot = rank * S + k
+            used[rank] = k + 1
             slots_of[i].append(slot)
             amount[slot] = x
             item_at[slot] = i
             slots_left -= 1
-            load[rank] += x
-            avail[rank] = load[rank] if used[rank] < S else inf
+            load[rank] = best = best + x
+            avail[rank] = best if k + 1 < S else inf
         if rests:
-            self._place_rests(rests, -inf, num_items, pref, tolerance, slots_left)
+            self._place_rests(rests, -inf, num_items, tolerance, slots_left)
 
-    def _place_rests(self, rests: list[tuple[float, int]], above: float, nxt: int, pref: list[int] | None,
-                     tolerance: float, slots_left: int) -> int:
+    def _place_rests(self, rests: list[tuple[float, int]], above: float, nxt: int, tolerance: float,
+                     slots_left: int) -> int:
         """`fill` for the queued rests heavier than `above` (`nxt` items not yet placed); returns the
         slots left. A rest avoids the ranks that already hold its item."""
-        G, S, level, num_items = self.G, self.S, self.level, len(self.items)
+        G, S, level, items = self.G, self.S, self.level, self.items
         load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
-        inf = float("inf")
+        inf, num_items = float("inf"), len(items)
         while rests and -rests[0][0] > above:
             neg_x, i = heapq.heappop(rests)
             x = -neg_x
@@ -294,10 +291,9 @@ class _NodePack:
             for r in range(G):
                 if avail[r] < best and r not in holds:
                     rank, best = r, avail[r]
-            if pref is not None:
-                p = pref[i]
-                if p != rank and 0 <= p < G and used[p] < S and p not in holds and load[p] <= best + tolerance:
-                    rank, best = p, load[p]
+            p = items[i][2]
+            if p != rank and p < G and used[p] < S and p not in holds and load[p] <= best + tolerance:
+                rank, best = p, load[p]
             if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
                 slot = max(mine, key=amount.__getitem__)
                 rank = slot // S
@@ -440,13 +436,18 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     node_of = placement.node
     if node_of.shape != (topo.num_experts,) or node_of.min() < 0 or node_of.max() >= N:
         raise ValueError(f"placement.node must give each of {topo.num_experts} experts a node in [0, {N})")
-    # Per node, its items as [load, expert], heaviest first (ties by expert id).
+    # Per node, its items as (load, expert, preferred local rank), heaviest first (ties by expert
+    # id). The preferred rank is the one of the expert's home copy in the previous micro-batch, G
+    # when that is outside the node or there is none (sticky packing).
     order = np.lexsort((np.arange(topo.num_experts), -counts, node_of))
-    bounds = np.searchsorted(node_of[order], np.arange(N + 1))
-    count_list, order_list, bound_list = counts.tolist(), order.tolist(), bounds.tolist()
-    items_by_node = [[[count_list[e], e] for e in order_list[bound_list[n]:bound_list[n + 1]]] for n in range(N)]
-    # Each expert's rank in the previous micro-batch (its home copy's), for sticky packing.
-    prefer = [] if prev is None else (prev.home // S).tolist()
+    bounds = np.searchsorted(node_of[order], np.arange(N + 1)).tolist()
+    prefer = None if prev is None else (prev.home // S).tolist()
+    pref_E = np.full(topo.num_experts, G)
+    if prefer is not None:
+        local_E = prev.home // S - node_of * G
+        pref_E = np.where((local_E >= 0) & (local_E < G), local_E, G)
+    sorted_items = list(zip(counts[order].astype(np.float64).tolist(), order.tolist(), pref_E[order].tolist()))
+    items_by_node = [sorted_items[bounds[n]:bounds[n + 1]] for n in range(N)]
     total = int(counts.sum())
     node_load_N = np.bincount(node_of, weights=counts, minlength=N)
     if config.cross_node and N > 1 and node_load_N.max() - total / N > config.min_shed * total / N:
@@ -456,13 +457,16 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
             for slot, expert in zip(used.tolist(), prev.phys_to_log[used].tolist()):
                 if slot // S // G != node_of[expert]:
                     prev_nodes.setdefault(expert, set()).add(slot // S // G)
-        _shed_across_nodes(items_by_node, total, topo, prev_nodes, config.min_shed)
+        shed = [[[int(load), expert] for load, expert, _ in items] for items in items_by_node]
+        _shed_across_nodes(shed, total, topo, prev_nodes, config.min_shed)
+        items_by_node = [[(float(load), expert, G if prefer is None or not 0 <= prefer[expert] - n * G < G
+                           else prefer[expert] - n * G) for load, expert in items] for n, items in enumerate(shed)]
     slots: list[int] = []
     experts: list[int] = []
     amounts: list[float] = []
     for n, items in enumerate(items_by_node):
         pack = _NodePack(items, n * G, G, S)
-        pack.fill(prefer, max(config.sticky * pack.level, config.move_cost_tokens))
+        pack.fill(max(config.sticky * pack.level, config.move_cost_tokens))
         pack.repair()
         pack.level_replicas(config.sweeps)
         pack.pieces(slots, experts, amounts)
