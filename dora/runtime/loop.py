@@ -139,8 +139,9 @@ class TrainLoop:
         driver = RolloutDriver(self.scheduler, self.engines, self.sampling, reward=self._score)
         for engine in self.engines:
             engine.start()
-        start = time.monotonic()
         initial_eval = await self._evaluate(self.start_step)
+        start = time.monotonic()  # the training part: the initial evaluation is not counted
+        train_busy_s, engine_busy_s = 0.0, []
         final_eval = initial_eval
         trained_tokens, max_live, staleness = 0, 0, Counter()
         try:
@@ -152,7 +153,9 @@ class TrainLoop:
                 live = sorted(set(batch.versions) | set(self.scheduler.unconsumed_versions()))
                 max_live = max(max_live, len(live))
                 step_start = self.timeline.now()
+                train_started = time.monotonic()
                 train = await self.trainer.train_step(batch)
+                train_busy_s += time.monotonic() - train_started
                 self.timeline.span("trainer", f"step {step}", step_start, self.timeline.now(), version=step)
                 with self.timeline.measure("sync", f"publish v{step + 1}", version=step + 1):
                     driver.publish(step + 1, await self.trainer.publish(step + 1))
@@ -168,6 +171,7 @@ class TrainLoop:
                     await self._save(step + 1)
                 self.logger.log(metrics, step)
                 self.progress.update(step, metrics)
+            engine_busy_s = [engine.stats().busy_s for engine in self.engines]
         finally:
             await driver.close()
             self._close()
@@ -177,7 +181,9 @@ class TrainLoop:
             initial_eval=initial_eval, final_eval=final_eval, max_live_versions=max_live,
             staleness=dict(sorted(staleness.items())), train_wall_s=wall, setup_s=self.setup_s,
             trained_tokens=trained_tokens, rollout_tokens=self._rollout_tokens,
-            extra={"rollout": self.scheduler.metrics.summary(), "reward": _reward_stats(self.rewards)})
+            extra={"rollout": self.scheduler.metrics.summary(), "reward": _reward_stats(self.rewards),
+                   "trainer_busy_s": train_busy_s,
+                   "engine_busy_s": engine_busy_s})
         (self.run_dir / "summary.json").write_text(json.dumps(_summary_dict(summary), indent=2))
         self.progress.print(f"dora: done in {wall:.0f} s (setup {self.setup_s:.1f} s); eval accuracy "
                             f"{_fmt(initial_eval)} -> {_fmt(final_eval)}; metrics: {self.metrics_path}")
