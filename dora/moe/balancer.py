@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 from itertools import chain
+from operator import itemgetter
 from dataclasses import dataclass
 
 import numpy as np
@@ -394,21 +395,22 @@ class _NodePack:
                     amount[s] = max(0.0, fill - b)
                     load[s // S] = b + amount[s]
 
-    def pieces(self, slots: list[int], experts: list[int], amounts: list[float]) -> None:
-        """Append every piece as (global slot, expert, token slots as a float), item by item."""
-        off, amount, items, item_at = self.r0 * self.S, self.amount, self.items, self.item_at
-        local = list(chain.from_iterable(self.slots_of))
-        slots.extend([slot + off for slot in local])
-        experts.extend([items[item_at[slot]][1] for slot in local])
-        amounts.extend([amount[slot] for slot in local])
+    def pieces(self, local: list[int], amount_P: list[float], item_P: list[int]) -> int:
+        """Append the node's used local slots item by item (each item's copies in the order they
+        were made) to `local`, and every slot's token share and item (-1 = empty) to `amount_P` and
+        `item_P`; returns the number of pieces."""
+        before = len(local)
+        local.extend(chain.from_iterable(self.slots_of))
+        amount_P.extend(self.amount)
+        item_P.extend(self.item_at)
+        return len(local) - before
 
 
-def _whole_quotas(slots: list[int], experts: list[int], amounts: list[float], counts: np.ndarray,
+def _whole_quotas(slot_k: np.ndarray, expert_k: np.ndarray, amount_k: np.ndarray, counts: np.ndarray,
                   num_slots: int) -> tuple[np.ndarray, np.ndarray]:
     """Pieces -> (phys_to_log [P], quota [P]) in whole tokens: every copy gets the floor of its share
-    and each expert's largest copy the rest, so an expert's quotas sum exactly to its count."""
-    slot_k, expert_k = np.asarray(slots, dtype=np.int64), np.asarray(experts, dtype=np.int64)
-    amount_k = np.asarray(amounts)
+    and each expert's largest copy the rest (the first listed on ties), so an expert's quotas sum
+    exactly to its count."""
     whole_k = np.floor(amount_k + 1e-9).astype(np.int64)
     rest_E = counts - np.bincount(expert_k, weights=whole_k, minlength=len(counts)).astype(np.int64)
     order = np.lexsort((-amount_k, expert_k))
@@ -461,16 +463,25 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
         _shed_across_nodes(shed, total, topo, prev_nodes, config.min_shed)
         items_by_node = [[(float(load), expert, G if prefer is None or not 0 <= prefer[expert] - n * G < G
                            else prefer[expert] - n * G) for load, expert in items] for n, items in enumerate(shed)]
-    slots: list[int] = []
-    experts: list[int] = []
-    amounts: list[float] = []
+    local: list[int] = []
+    amount_P: list[float] = []
+    item_P: list[int] = []
+    expert_of_item: list[int] = []
+    pieces_N: list[int] = []
+    item_base_N: list[int] = []
     for n, items in enumerate(items_by_node):
         pack = _NodePack(items, n * G, G, S)
         pack.fill(max(config.sticky * pack.level, config.move_cost_tokens))
         pack.repair()
         pack.level_replicas(config.sweeps)
-        pack.pieces(slots, experts, amounts)
-    phys_to_log, quota = _whole_quotas(slots, experts, amounts, counts, topo.num_slots)
+        pieces_N.append(pack.pieces(local, amount_P, item_P))
+        item_base_N.append(len(expert_of_item))
+        expert_of_item.extend(map(itemgetter(1), items))
+    # Pieces k in node order, item by item: global slot, expert and float share.
+    slot_k = np.asarray(local, dtype=np.int64) + np.repeat(np.arange(N) * (G * S), pieces_N)
+    item_of_slot_P = np.asarray(item_P, dtype=np.int64) + np.repeat(item_base_N, G * S)
+    expert_k = np.asarray(expert_of_item, dtype=np.int64)[item_of_slot_P[slot_k]]
+    phys_to_log, quota = _whole_quotas(slot_k, expert_k, np.asarray(amount_P)[slot_k], counts, topo.num_slots)
     fresh = Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
                  slots_per_rank=S)
     if prev is None or config.move_cost_tokens <= 0:
