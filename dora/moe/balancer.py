@@ -326,12 +326,17 @@ class _NodePack:
             excess = peak - level
             if excess <= 0.5:
                 return
-            moved = False
-            # The top rank's pieces, largest first (lowest slot on ties): the first whose item has no
-            # copy on `low` is the one to take from.
-            candidates = sorted(range(top * S, top * S + used[top]), key=lambda s: (-amount[s], s))
+            moved, top_full = False, used[top] >= S
+            # The top rank's pieces, largest first (lowest slot on ties), with the ranks holding a copy
+            # of their item: the first without a copy on `low` is the one to take from.
+            candidates: list[tuple[int, set[int]]] | None = None
             for low in sorted((r for r in range(G) if load[r] < level), key=lambda r: (load[r], r)):
-                src = next((s for s in candidates if all(t // S != low for t in slots_of[item_at[s]])), -1)
+                if top_full and used[low] >= S:  # neither a new copy nor a swap has a slot
+                    continue
+                if candidates is None:
+                    candidates = [(s, {t // S for t in slots_of[item_at[s]]})
+                                  for s in sorted(range(top * S, top * S + used[top]), key=lambda s: (-amount[s], s))]
+                src = next((s for s, ranks in candidates if low not in ranks), -1)
                 if src < 0:
                     continue
                 i, move = item_at[src], min(excess, level - load[low])
