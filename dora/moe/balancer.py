@@ -250,39 +250,39 @@ class _NodePack:
         items, G, S, level = self.items, self.G, self.S, self.level
         load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
         inf = float("inf")
-        slots_left, num_items = G * S, len(items)
+        # A split is allowed while a slot stays free for every item and rest still queued: `spare`
+        # counts the slots beyond one per item that are still free after the pieces placed so far.
+        spare = [G * S - len(items) - 1]
         rests: list[tuple[float, int]] = []  # (-load, item) of split-off rests
         for i, (x, _, p) in enumerate(items):
             if rests and -rests[0][0] > x:
-                slots_left = self._place_rests(rests, x, i, tolerance, slots_left)
+                self._place_rests(rests, x, tolerance, spare)
             best = min(avail)
-            assert best < inf, "node packing ran out of slots"  # node budgets leave a slot per item
             rank = avail.index(best)
             if p != rank and avail[p] <= best + tolerance:  # avail[G] is inf: no preference
                 rank, best = p, avail[p]
             room = level - best
-            if x > room > 0 and slots_left - 1 >= num_items - i + len(rests):
+            if x > room > 0 and spare[0] >= len(rests):
                 heapq.heappush(rests, (room - x, i))
                 x = room
             k = used[rank]
+            assert k < S, "node packing ran out of slots"  # node budgets leave a slot per item
             slot = rank * S + k
             used[rank] = k + 1
             slots_of[i].append(slot)
             amount[slot] = x
             item_at[slot] = i
-            slots_left -= 1
             load[rank] = best = best + x
             avail[rank] = best if k + 1 < S else inf
         if rests:
-            self._place_rests(rests, -inf, num_items, tolerance, slots_left)
+            self._place_rests(rests, -inf, tolerance, spare)
 
-    def _place_rests(self, rests: list[tuple[float, int]], above: float, nxt: int, tolerance: float,
-                     slots_left: int) -> int:
-        """`fill` for the queued rests heavier than `above` (`nxt` items not yet placed); returns the
-        slots left. A rest avoids the ranks that already hold its item."""
+    def _place_rests(self, rests: list[tuple[float, int]], above: float, tolerance: float, spare: list[int]) -> None:
+        """`fill` for the queued rests heavier than `above` (`spare` as in `fill`, updated). A rest
+        avoids the ranks that already hold its item."""
         G, S, level, items = self.G, self.S, self.level, self.items
         load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
-        inf, num_items = float("inf"), len(items)
+        inf = float("inf")
         while rests and -rests[0][0] > above:
             neg_x, i = heapq.heappop(rests)
             x = -neg_x
@@ -301,7 +301,7 @@ class _NodePack:
                 amount[slot] += x
             else:
                 room = level - best
-                if x > room > 0 and slots_left - 1 >= num_items - nxt + len(rests) + 1:
+                if x > room > 0 and spare[0] > len(rests):
                     heapq.heappush(rests, (room - x, i))
                     x = room
                 slot = rank * S + used[rank]
@@ -309,10 +309,9 @@ class _NodePack:
                 mine.append(slot)
                 amount[slot] = x
                 item_at[slot] = i
-                slots_left -= 1
+                spare[0] -= 1
             load[rank] += x
             avail[rank] = load[rank] if used[rank] < S else inf
-        return slots_left
 
     def repair(self) -> None:
         """Take load off ranks still above the level: into a free slot of a lighter rank (a new copy
