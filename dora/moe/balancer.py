@@ -36,7 +36,7 @@ Shape legend: M micro-batches of a step, E experts, R ranks, G ranks per node, N
 from __future__ import annotations
 
 import heapq
-from itertools import chain
+from itertools import chain, compress
 from operator import itemgetter
 from dataclasses import dataclass
 
@@ -372,9 +372,9 @@ class _NodePack:
         """Water-fill each replicated item's tokens over its copies' ranks (the other items held
         fixed), heaviest first, for `sweeps` passes: the uneven quotas."""
         S, load, amount, items = self.S, self.load, self.amount, self.items
-        multi = [(float(items[i][0]), slots) for i, slots in enumerate(self.slots_of) if len(slots) > 1]
+        multi = list(compress(zip(items, self.slots_of), map((1).__lt__, map(len, self.slots_of))))
         for _ in range(sweeps if multi else 0):
-            for total, slots in multi:
+            for (total, _, _), slots in multi:
                 if len(slots) == 2:  # the common case, unrolled: the same arithmetic as below
                     s0, s1 = slots
                     b0, b1 = load[s0 // S] - amount[s0], load[s1 // S] - amount[s1]
