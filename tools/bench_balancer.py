@@ -128,6 +128,8 @@ class Timing:
     """Seconds of `place_nodes` per layer and step (one entry per micro-batch, for pairing)."""
     microbatch: list[float] = field(default_factory=list)
     """Seconds of `plan_microbatch` per layer and micro-batch."""
+    spread: list[float] = field(default_factory=list)
+    """Slowest / fastest of the repeated runs of each `plan_microbatch`: how noisy the machine was."""
 
     def per_layer_ms(self, microbatches_per_step: int) -> np.ndarray:
         """Per layer and micro-batch: its plan plus its share of the step's placement."""
@@ -135,14 +137,16 @@ class Timing:
 
 
 def _timed(repeats: int, fn, *args, **kwargs):
-    """(result, seconds): the fastest of `repeats` runs (the machine is shared; the minimum is the
-    least disturbed). Every run computes the same deterministic plan."""
-    best, out = float("inf"), None
+    """(result, seconds, slowest / fastest): the fastest of `repeats` runs (the machine is shared;
+    the minimum is the least disturbed) and the spread between runs. Every run computes the same
+    deterministic plan."""
+    best, worst, out = float("inf"), 0.0, None
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+        took = time.perf_counter() - t0
+        best, worst = min(best, took), max(worst, took)
+    return out, best, worst / best
 
 
 def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int = 1) -> dict[str, PolicyResult]:
@@ -167,15 +171,16 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
             plans["eplb_history"].append([even_split_plan(c, hist, topo) for c in c_ME])
             oracle = eplb_placement(c_ME.sum(0), topo)
             plans["eplb_oracle_step"].append([even_split_plan(c, oracle, topo) for c in c_ME])
-            placement, t_place = _timed(timing_repeats, place_nodes, c_ME, topo)
+            placement, t_place, _ = _timed(timing_repeats, place_nodes, c_ME, topo)
             for policy, config in configs.items():
                 prev, layer_plans = last[policy][layer], []
                 for c in c_ME:
-                    prev, t_plan = _timed(timing_repeats if policy == "dora" else 1, plan_microbatch, c, placement,
+                    prev, t_plan, spread = _timed(timing_repeats if policy == "dora" else 1, plan_microbatch, c, placement,
                                           topo, config=config, prev=prev)
                     if timing is not None and measured and policy == "dora":
                         timing.placement.append(t_place)
                         timing.microbatch.append(t_plan)
+                        timing.spread.append(spread)
                     layer_plans.append(prev)
                 plans[policy].append(layer_plans)
         history.observe(counts_MLE)
@@ -311,7 +316,9 @@ def main() -> None:
           f"runs each; preliminary: shared machine):\n  per layer and micro-batch (plan + 1/8 of the step "
           f"placement): p50 {np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms over {len(ms)}\n"
           f"  micro-batch plan alone: p50 {np.percentile(plan_ms, 50):.3f} ms, p99 {np.percentile(plan_ms, 99):.3f} ms;"
-          f" step placement per layer: p50 {np.percentile(place_ms, 50):.3f} ms, p99 {np.percentile(place_ms, 99):.3f} ms")
+          f" step placement per layer: p50 {np.percentile(place_ms, 50):.3f} ms, p99 {np.percentile(place_ms, 99):.3f} ms\n"
+          f"  run-to-run spread (slowest / fastest of the {args.timing_repeats} runs of a plan): "
+          f"p50 {np.percentile(timing.spread, 50):.2f}x, p90 {np.percentile(timing.spread, 90):.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(build_report(all_summaries, timing), f, indent=2)
@@ -330,6 +337,8 @@ def build_report(summaries: dict[str, dict], timing: Timing, microbatches_per_st
     out["planner_microbatch_ms_p99"] = float(np.percentile(plan_ms, 99))
     out["placement_ms_p50"] = float(np.percentile(place_ms, 50))
     out["placement_ms_p99"] = float(np.percentile(place_ms, 99))
+    out["planner_repeat_spread_p50"] = float(np.percentile(timing.spread, 50))
+    out["planner_repeat_spread_p90"] = float(np.percentile(timing.spread, 90))
     out["other_traces"] = {k: v for k, v in summaries.items() if k != "reference"}
     return out
 

@@ -34,3 +34,5 @@ def test_bench_simulates_every_policy_and_reports_the_issue_shape():
     assert p["dora"]["imbalance_p50"] < p["eplb_oracle_step"]["imbalance_p50"] < p["none"]["imbalance_p50"]
     assert p["none"]["bytes_moved"] == 0 and p["dora"]["bytes_moved"] > 0
     assert len(timing.microbatch) == 2 * 2 * 4  # measured steps x layers x micro-batches
+    assert timing.spread == [1.0] * len(timing.microbatch)  # one run each: no spread
+    assert report["planner_repeat_spread_p50"] == 1.0
