@@ -445,16 +445,19 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
     # Per node, its items as (load, expert, preferred local rank), heaviest first (ties by expert
     # id). The preferred rank is the one of the expert's home copy in the previous micro-batch, G
     # when that is outside the node or there is none (sticky packing).
-    order = np.lexsort((np.arange(topo.num_experts), -counts, node_of))
-    bounds = np.searchsorted(node_of[order], np.arange(N + 1)).tolist()
-    prefer = None if prev is None else (prev.home // S).tolist()
-    pref_E = np.full(topo.num_experts, G)
-    if prefer is not None:
-        local_E = prev.home // S - node_of * G
-        pref_E = np.where((local_E >= 0) & (local_E < G), local_E, G)
-    sorted_items = list(zip(counts[order].astype(np.float64).tolist(), order.tolist(), pref_E[order].tolist()))
-    items_by_node = [sorted_items[bounds[n]:bounds[n + 1]] for n in range(N)]
+    # One stable sort on (node, -count) keeps ties in expert order (counts <= total < 2**62 / N).
     total = int(counts.sum())
+    order = np.argsort(node_of * (total + 1) - counts, kind="stable")
+    bounds = [0, *np.cumsum(np.bincount(node_of, minlength=N)).tolist()]
+    order_list = order.tolist()
+    if prev is None:
+        prefer, pref_sorted = None, [G] * len(order_list)
+    else:
+        prefer = (prev.home // S).tolist()
+        local_E = prev.home[order] // S - node_of[order] * G
+        pref_sorted = np.where((local_E >= 0) & (local_E < G), local_E, G).tolist()
+    sorted_items = list(zip(counts[order].astype(np.float64).tolist(), order_list, pref_sorted))
+    items_by_node = [sorted_items[bounds[n]:bounds[n + 1]] for n in range(N)]
     node_load_N = np.bincount(node_of, weights=counts, minlength=N)
     if config.cross_node and N > 1 and node_load_N.max() - total / N > config.min_shed * total / N:
         prev_nodes: dict[int, set[int]] = {}
