@@ -66,7 +66,7 @@ class TorchEngineConfig:
     """Draws the base seed of groups submitted without `SamplingParams.seed`."""
     engine_id: int = 0
     moe_impl: str = "auto"
-    """MoE experts (see dora/engines/experts.py): "auto", "grouped", "loop" or "ops" (the trainer's
+    """MoE experts (see dora/engines/experts.py): "auto", "grouped", "padded", "loop" or "ops" (the trainer's
     `dora.models.ops.moe_experts`, the reference)."""
 
     def __post_init__(self) -> None:

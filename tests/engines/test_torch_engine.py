@@ -91,9 +91,10 @@ def test_registered_and_implements_protocol(models):
     assert isinstance(make_engine(models[0]), Engine)
 
 
-def test_incremental_decoding_matches_full_forward(models):
+@pytest.mark.parametrize("moe_impl", ["auto", "padded"])
+def test_incremental_decoding_matches_full_forward(models, moe_impl):
     """Chunked prefill (budget 24 < longest prompts), shared prompts (n = 3), mixed decode/prefill."""
-    engine = make_engine(models[0])
+    engine = make_engine(models[0], moe_impl=moe_impl)
     for i, p in enumerate(prompts(6)):
         engine.submit(PromptGroup(group_id=i, prompt_id=i, prompt_ids=p, num_samples=3), 0,
                       SamplingParams(max_new_tokens=12 + i, temperature=1.0, seed=100 + i))
