@@ -175,8 +175,8 @@ def run_workload(w: Workload, timing: Timing | None = None, timing_repeats: int 
             for policy, config in configs.items():
                 prev, layer_plans = last[policy][layer], []
                 for c in c_ME:
-                    prev, t_plan, spread = _timed(timing_repeats if policy == "dora" else 1, plan_microbatch, c, placement,
-                                          topo, config=config, prev=prev)
+                    repeats = timing_repeats if policy == "dora" else 1
+                    prev, t_plan, spread = _timed(repeats, plan_microbatch, c, placement, topo, config=config, prev=prev)
                     if timing is not None and measured and policy == "dora":
                         timing.placement.append(t_place)
                         timing.microbatch.append(t_plan)

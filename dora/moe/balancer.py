@@ -36,9 +36,9 @@ Shape legend: M micro-batches of a step, E experts, R ranks, G ranks per node, N
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from itertools import chain, compress
 from operator import itemgetter
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -212,7 +212,7 @@ def contiguous_plan(counts_E: np.ndarray, topo: Topology) -> Plan:
 
 class _NodePack:
     """One node's packing for one micro-batch: pieces of its items (load, expert, preferred local
-    rank or G) on its ranks' slots. Loads are float token slots until `write` rounds them to whole tokens.
+    rank or G) on its ranks' slots. Loads are float token slots until `_whole_quotas` rounds them.
 
     State lives in flat lists indexed by the node's local rank (0..G-1) and local slot (rank * S +
     k): this runs once per node, micro-batch and layer, so per-piece Python overhead is the cost."""
@@ -248,7 +248,8 @@ class _NodePack:
         Items arrive sorted; split-off rests wait in a heap and go before any lighter item. A fresh
         item has no copy yet, so its rank is simply the lightest with a free slot (`avail`)."""
         items, G, S, level = self.items, self.G, self.S, self.level
-        load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
+        load, used, amount, avail = self.load, self.used, self.amount, self.avail
+        item_at, slots_of = self.item_at, self.slots_of
         inf = float("inf")
         # A split is allowed while a slot stays free for every item and rest still queued: `spare`
         # counts the slots beyond one per item that are still free after the pieces placed so far.
@@ -281,7 +282,8 @@ class _NodePack:
         """`fill` for the queued rests heavier than `above` (`spare` as in `fill`, updated). A rest
         avoids the ranks that already hold its item."""
         G, S, level, items = self.G, self.S, self.level, self.items
-        load, used, amount, item_at, slots_of, avail = self.load, self.used, self.amount, self.item_at, self.slots_of, self.avail
+        load, used, amount, avail = self.load, self.used, self.amount, self.avail
+        item_at, slots_of = self.item_at, self.slots_of
         inf = float("inf")
         while rests and -rests[0][0] > above:
             neg_x, i = heapq.heappop(rests)
