@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dora.engines.experts import MOE_IMPLS
 from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
 from dora.models.config import ModelConfig
 from dora.models.io import save_model
@@ -89,9 +90,10 @@ def dora_generate(engine: TorchEngine, prompts: list[list[int]], new_tokens: lis
     return outputs, sum(len(o) for o in outputs)
 
 
-def make_engine(cfg: ModelConfig, model: DecoderLM, batch: int, max_len: int, device: str) -> TorchEngine:
+def make_engine(cfg: ModelConfig, model: DecoderLM, batch: int, max_len: int, device: str,
+                moe_impl: str = "auto") -> TorchEngine:
     engine = TorchEngine(cfg, TorchEngineConfig(device=device, max_num_seqs=batch, max_model_len=max_len,
-                                                max_num_batched_tokens=max(512, batch)))
+                                                max_num_batched_tokens=max(512, batch), moe_impl=moe_impl))
     engine.add_version(0, model.state_dict())
     return engine
 
@@ -112,7 +114,7 @@ def timed(fn, clock=time.perf_counter) -> tuple[float, object]:
 def run_benchmark(cfg: ModelConfig, *, batches=BATCHES, prompt_len: int = 32, fixed_tokens: int = 64,
                   requests: int = 256, median_tokens: int = 24, max_tokens: int = 256, quick: bool = False,
                   device: str = "cpu", seed: int = 0, clock: str = "wall", repeats: int = 3,
-                  log=print) -> dict:
+                  moe_impl: str = "auto", log=print) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = DecoderLM.from_config(cfg, seed=seed).eval()
@@ -127,7 +129,7 @@ def run_benchmark(cfg: ModelConfig, *, batches=BATCHES, prompt_len: int = 32, fi
     # Parity first: identical greedy tokens on a batch of the fixed workload.
     check_prompts = make_prompts(cfg, max(2, min(batches[-1], 16)), prompt_len, seed + 1)
     check_tokens = [min(fixed_tokens, 32)] * len(check_prompts)
-    engine = make_engine(cfg, model, len(check_prompts), max_len, device)
+    engine = make_engine(cfg, model, len(check_prompts), max_len, device, moe_impl)
     ours, _ = dora_generate(engine, check_prompts, check_tokens, first_id)
     theirs, _ = hf_generate(hf_model, check_prompts, check_tokens, len(check_prompts))
     mismatched = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
@@ -144,7 +146,7 @@ def run_benchmark(cfg: ModelConfig, *, batches=BATCHES, prompt_len: int = 32, fi
             num_requests = max(16, requests // 4)  # batch 1 gains nothing from more requests, only time
         workloads.append(Workload("variable", make_prompts(cfg, num_requests, prompt_len, seed + 3),
                                   long_tailed_lengths(num_requests, median_tokens, max_tokens, seed + 4)))
-        engine = make_engine(cfg, model, batch, max_len, device)
+        engine = make_engine(cfg, model, batch, max_len, device, moe_impl)
         warm_prompts = make_prompts(cfg, batch, prompt_len, seed + 5)
         first_id += 10_000
         dora_generate(engine, warm_prompts, [8] * batch, first_id)
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="fixed-length runs: best of this many")
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                         help="wall time, or CPU time of the calling thread (shared machines; needs --threads 1)")
+    parser.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS, help="dora's MoE experts (engine.moe_impl)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.clock == "thread" and args.threads != 1:
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     requests = min(args.requests, 96) if args.quick else args.requests
     report = run_benchmark(cfg, fixed_tokens=args.fixed_tokens, requests=requests, quick=args.quick,
                            device=args.device, seed=args.seed, clock=args.clock,
-                           repeats=1 if args.quick else args.repeats)
+                           repeats=1 if args.quick else args.repeats, moe_impl=args.moe_impl)
     print_table(report, BATCHES, f"bench7m, {args.dtype}, {args.threads} threads, {args.device}, {args.clock} clock")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
