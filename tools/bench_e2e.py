@@ -4,9 +4,12 @@ seeds and number of trained samples in every mode; only the rollout configuratio
     python tools/bench_e2e.py --json bench_e2e.json            # 3 seeds per mode
     python tools/bench_e2e.py --quick                          # 1 seed, fewer steps (< 5 minutes)
 
-Modes (each in its best arrangement of this machine's cores):
-- sync: k = 0, generation and training alternate, both phases on both cores (2 torch threads);
-- one_step_off: k = 1, one version per engine, whole-batch waves, colocated (2 threads);
+Modes (each in its best arrangement of this machine's 2 cores):
+- sync: k = 0, generation and training alternate. One torch thread per phase is its best
+  arrangement here: at this model size a second intra-op thread makes both phases slower, which
+  `sync_2threads` (both cores per phase) measures beside it;
+- one_step_off: k = 1, one version per engine, whole-batch admission waves (generation of the next
+  batch overlaps training, one thread each);
 - dora_k1 / dora_k2: multi-version streaming, k = 1 / 2, generation and training overlapped on
   one core each (1 torch thread per stage).
 Partial rollout needs an engine that swaps weights under running sequences, which dora's engines
@@ -37,10 +40,10 @@ from dora.telemetry.metrics import read_jsonl
 
 # The recipe (grpo_tiny) pins k and versions per engine in its body, so every mode states both.
 MODES: dict[str, list[str]] = {
-    "sync": ["rollout=synchronous", "rollout.max_staleness=0", "rollout.max_live_versions=1",
-             "runtime.engine_threads=2", "runtime.trainer_threads=2"],
-    "one_step_off": ["rollout=one_step_off", "rollout.max_staleness=1", "rollout.max_live_versions=1",
-                     "runtime.engine_threads=2", "runtime.trainer_threads=2"],
+    "sync": ["rollout=synchronous", "rollout.max_staleness=0", "rollout.max_live_versions=1"],
+    "sync_2threads": ["rollout=synchronous", "rollout.max_staleness=0", "rollout.max_live_versions=1",
+                      "runtime.engine_threads=2", "runtime.trainer_threads=2"],
+    "one_step_off": ["rollout=one_step_off", "rollout.max_staleness=1", "rollout.max_live_versions=1"],
     "dora_k1": ["rollout=multi_version", "rollout.max_staleness=1", "rollout.max_live_versions=2"],
     "dora_k2": ["rollout=multi_version", "rollout.max_staleness=2", "rollout.max_live_versions=2"],
 }
@@ -103,7 +106,7 @@ def main() -> None:
         raise SystemExit(f"unknown modes {unknown}; known: {list(MODES)}")
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="dora_bench_e2e_"))
     common = [f"steps={steps}", "eval.every=0", "logging.wandb=false", "logging.progress=false"]
-    console = Console(width=160)
+    console = Console(width=160, markup=False, highlight=False)
 
     per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for seed in range(seeds):
