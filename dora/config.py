@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dora.data.config import DataConfig
 from dora.engines.torch_engine import TorchEngineConfig
+from dora.registry import parse_enum
 from dora.rewards.pool import RewardConfig
 from dora.rollout.config import RolloutConfig
 from dora.sync.base import SyncConfig
@@ -87,10 +88,7 @@ class RuntimeConfig:
     ray_trainer_cpus: float = 1.0
 
     def __post_init__(self) -> None:
-        try:
-            self.kind = RuntimeKind(self.kind)
-        except ValueError:
-            raise ValueError(f"runtime.kind must be one of {[k.value for k in RuntimeKind]}, got {self.kind!r}") from None
+        self.kind = parse_enum(RuntimeKind, self.kind, "runtime.kind")
         for key in ("num_engines", "engine_threads", "trainer_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"runtime.{key} must be >= 1, got {getattr(self, key)}")

@@ -6,11 +6,21 @@ A config can name a registered variant ("grpo") or any importable object by path
 
 from __future__ import annotations
 
+import enum
 import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
+
+
+def parse_enum(cls: type[E], value: object, key: str) -> E:
+    """`value` as a member of the config enum `cls`; the error names the key and the allowed values."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"{key} must be one of {[m.value for m in cls]}, got {value!r}") from None
 
 
 def import_object(path: str) -> object:

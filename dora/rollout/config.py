@@ -20,6 +20,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from dora.registry import parse_enum
+
 
 class RolloutMode(str, enum.Enum):
     # Member names equal their values: OmegaConf resolves enum nodes by name.
@@ -51,13 +53,6 @@ _DEFAULT_STALENESS = {
     RolloutMode.one_step_off: 1,
     RolloutMode.partial_rollout: 1,
 }
-
-
-def _enum(cls: type[enum.Enum], value: object, key: str) -> enum.Enum:
-    try:
-        return cls(value)
-    except ValueError:
-        raise ValueError(f"{key} must be one of {[m.value for m in cls]}, got {value!r}") from None
 
 
 def _int(value: object, key: str, minimum: int) -> int:
@@ -94,9 +89,9 @@ class RolloutConfig:
     it waited for."""
 
     def __post_init__(self) -> None:
-        self.mode = _enum(RolloutMode, self.mode, "rollout.mode")  # type: ignore[assignment]
-        self.on_stale = _enum(OnStale, self.on_stale, "rollout.on_stale")  # type: ignore[assignment]
-        self.group_placement = _enum(GroupPlacement, self.group_placement, "rollout.group_placement")  # type: ignore[assignment]
+        self.mode = parse_enum(RolloutMode, self.mode, "rollout.mode")  # type: ignore[assignment]
+        self.on_stale = parse_enum(OnStale, self.on_stale, "rollout.on_stale")  # type: ignore[assignment]
+        self.group_placement = parse_enum(GroupPlacement, self.group_placement, "rollout.group_placement")  # type: ignore[assignment]
         if self.max_staleness is None:
             self.max_staleness = _DEFAULT_STALENESS[self.mode]
         _int(self.max_staleness, "rollout.max_staleness (k)", 0)

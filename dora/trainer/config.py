@@ -12,6 +12,7 @@ import enum
 import math
 from dataclasses import dataclass
 
+from dora.registry import parse_enum
 
 # Enum member names equal their values: OmegaConf matches a YAML/CLI string against member *names*,
 # so `algorithm.aggregation=token_mean` must be a name.
@@ -52,13 +53,6 @@ class LRSchedule(str, enum.Enum):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
-
-
-def _enum(cls: type[enum.Enum], value: object, key: str) -> enum.Enum:
-    try:
-        return cls(value)
-    except ValueError:
-        raise ValueError(f"{key} must be one of {[m.value for m in cls]}, got {value!r}") from None
 
 
 @dataclass(slots=True)
@@ -116,9 +110,9 @@ class AlgorithmConfig:
         if getattr(loss, "needs_values", False) != getattr(advantage, "needs_values", False):
             raise ValueError(f"algorithm.loss={self.loss!r} and algorithm.advantage={self.advantage!r} do not fit: "
                              "a value-head loss (ppo) needs a value-based estimator (gae) and vice versa")
-        self.aggregation = _enum(Aggregation, self.aggregation, "algorithm.aggregation")
-        self.off_policy = _enum(OffPolicy, self.off_policy, "algorithm.off_policy")
-        self.kl_estimator = _enum(KLEstimator, self.kl_estimator, "algorithm.kl_estimator")
+        self.aggregation = parse_enum(Aggregation, self.aggregation, "algorithm.aggregation")
+        self.off_policy = parse_enum(OffPolicy, self.off_policy, "algorithm.off_policy")
+        self.kl_estimator = parse_enum(KLEstimator, self.kl_estimator, "algorithm.kl_estimator")
         for key in ("clip_low", "clip_high"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"algorithm.{key} must be a finite value >= 0, got {getattr(self, key)}")
@@ -178,7 +172,7 @@ class TrainerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.lr_schedule = _enum(LRSchedule, self.lr_schedule, "trainer.lr_schedule")
+        self.lr_schedule = parse_enum(LRSchedule, self.lr_schedule, "trainer.lr_schedule")
         for key in ("lr", "weight_decay", "eps", "max_grad_norm", "min_lr_ratio"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
