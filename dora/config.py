@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dora.data.config import DataConfig
-from dora.engines.torch_engine import TorchEngineConfig
+from dora.engines.config import EngineConfig
 from dora.registry import parse_enum
 from dora.rewards.pool import RewardConfig
 from dora.rollout.config import RolloutConfig
@@ -145,7 +145,7 @@ class LoggingConfig:
 @dataclass(slots=True)
 class RunConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
-    engine: TorchEngineConfig = field(default_factory=TorchEngineConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

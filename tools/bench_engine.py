@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from dora.engines.experts import MOE_IMPLS
-from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+from dora.engines.config import EngineConfig
+from dora.engines.torch_engine import TorchEngine
 from dora.models.config import ModelConfig
 from dora.models.io import save_model
 from dora.models.model import DecoderLM
@@ -92,7 +93,7 @@ def dora_generate(engine: TorchEngine, prompts: list[list[int]], new_tokens: lis
 
 def make_engine(cfg: ModelConfig, model: DecoderLM, batch: int, max_len: int, device: str,
                 moe_impl: str = "auto") -> TorchEngine:
-    engine = TorchEngine(cfg, TorchEngineConfig(device=device, max_num_seqs=batch, max_model_len=max_len,
+    engine = TorchEngine(cfg, EngineConfig(device=device, max_num_seqs=batch, max_model_len=max_len,
                                                 max_num_batched_tokens=max(512, batch), moe_impl=moe_impl))
     engine.add_version(0, model.state_dict())
     return engine

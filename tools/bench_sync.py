@@ -116,9 +116,10 @@ class EngineWorkload:
     """The real torch engine decoding 4 sequences of the payload model on version 0."""
 
     def __init__(self, quick: bool, weights: Mapping[str, torch.Tensor]) -> None:
-        from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+        from dora.engines.config import EngineConfig
+        from dora.engines.torch_engine import TorchEngine
 
-        self.engine = TorchEngine(model_config(quick), TorchEngineConfig(
+        self.engine = TorchEngine(model_config(quick), EngineConfig(
             max_num_seqs=4, max_model_len=512, max_num_batched_tokens=32, max_live_versions=2))
         self.engine.add_version(0, weights)
         self.label = "TorchEngine, 4 sequences of the payload model"

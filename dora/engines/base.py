@@ -6,6 +6,9 @@ and streams back finished trajectories. It never changes the weights under a run
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -62,3 +65,37 @@ class Engine(Protocol):
         """Stop every sample of `group_id`; they come back with FinishReason.ABORT."""
 
     def stats(self) -> EngineStats: ...
+
+
+class TrajectoryStream:
+    """Thread-safe hand-off of finished trajectories to the asyncio loop that consumes them (an engine's
+    `finished()`): `put` from any thread; `get` on the consuming loop. `None` ends the stream."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: collections.deque[Trajectory | None] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def put(self, items: list[Trajectory | None]) -> None:
+        if not items:
+            return
+        with self._lock:
+            self._items.extend(items)
+            loop, event = self._loop, self._event
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    async def get(self) -> Trajectory | None:
+        with self._lock:
+            if self._loop is None:
+                self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+            elif self._loop is not asyncio.get_running_loop():
+                raise RuntimeError("the finished() stream is bound to another event loop")
+        assert self._event is not None
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+                self._event.clear()
+            await self._event.wait()

@@ -22,20 +22,17 @@ v, weights)` so the copy stays off the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 
 import torch
-from hydra.core.config_store import ConfigStore
 
 from dora.engines import ENGINES
-from dora.engines.base import EngineStats, GroupHandle
-from dora.engines.experts import MOE_IMPLS
+from dora.engines.base import EngineStats, GroupHandle, TrajectoryStream
+from dora.engines.config import EngineConfig
 from dora.engines.kv_cache import SlotCache
 from dora.engines.sampler import sample
 from dora.engines.scheduler import GroupState, Scheduler, SeqState
@@ -47,95 +44,15 @@ from dora.types import FinishReason, PromptGroup, SamplingParams, Trajectory
 _STATS_WINDOW_S = 5.0
 
 
-@dataclass(slots=True)
-class TorchEngineConfig:
-    device: str = "cpu"
-    """"cpu", "cuda" or "cuda:N"."""
-    dtype: str = "float32"
-    """float32, bfloat16 or float16 (weights, activations and KV cache)."""
-    max_num_seqs: int = 64
-    """KV-cache slots: sequences decoding at once."""
-    max_model_len: int = 1024
-    """Positions per slot: prompt + response tokens of one sequence."""
-    max_num_batched_tokens: int = 512
-    """Token budget of one step: decodes first, the rest prefill chunks. Must be >= max_num_seqs."""
-    max_live_versions: int = 2
-    num_threads: int | None = None
-    """torch.set_num_threads at construction (None leaves the process setting alone)."""
-    seed: int = 0
-    """Draws the base seed of groups submitted without `SamplingParams.seed`."""
-    engine_id: int = 0
-    moe_impl: str = "auto"
-    """MoE experts (see dora/engines/experts.py): "auto", "grouped", "padded", "loop" or "ops" (the trainer's
-    `dora.models.ops.moe_experts`, the reference)."""
-
-    def __post_init__(self) -> None:
-        if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"engine.moe_impl must be one of {list(MOE_IMPLS)}, got {self.moe_impl!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"engine.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"engine.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"engine.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for key in ("max_num_seqs", "max_model_len", "max_live_versions"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_model_len < 2:
-            raise ValueError(f"engine.max_model_len must be >= 2 (a prompt token and a response token), "
-                             f"got {self.max_model_len}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"engine.max_num_seqs ({self.max_num_seqs}) so prefill always gets budget")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"engine.num_threads must be >= 1 or None, got {self.num_threads}")
-
-
-ConfigStore.instance().store(group="engine", name="torch_schema", node=TorchEngineConfig)
-
-
-class _Stream:
-    """Thread-safe hand-off of finished trajectories to the asyncio loop that consumes them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: collections.deque[Trajectory | None] = collections.deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
-
-    def put(self, items: list[Trajectory | None]) -> None:
-        if not items:
-            return
-        with self._lock:
-            self._items.extend(items)
-            loop, event = self._loop, self._event
-        if loop is not None and event is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(event.set)
-
-    async def get(self) -> Trajectory | None:
-        with self._lock:
-            if self._loop is None:
-                self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
-            elif self._loop is not asyncio.get_running_loop():
-                raise RuntimeError("the finished() stream is bound to another event loop")
-        assert self._event is not None
-        while True:
-            with self._lock:
-                if self._items:
-                    return self._items.popleft()
-                self._event.clear()
-            await self._event.wait()
 
 
 @ENGINES.register("torch")
 class TorchEngine:
     """Implements `dora.engines.base.Engine`."""
 
-    def __init__(self, model_config: ModelConfig, config: TorchEngineConfig | None = None) -> None:
+    def __init__(self, model_config: ModelConfig, config: EngineConfig | None = None) -> None:
         self.model_config = model_config
-        self.config = config = config or TorchEngineConfig()
+        self.config = config = config or EngineConfig()
         if config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"engine.max_model_len ({config.max_model_len}) exceeds the model's "
                              f"max_position_embeddings ({model_config.max_position_embeddings})")
@@ -164,7 +81,7 @@ class TorchEngine:
         self._group_remaining: dict[int, int] = {}  # group_id -> samples not yet returned
         self._active_per_version: collections.Counter[int] = collections.Counter()
 
-        self._stream = _Stream()
+        self._stream = TrajectoryStream()
         self._worker: threading.Thread | None = None
         self._closing = False
         self._worker_error: BaseException | None = None

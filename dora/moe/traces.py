@@ -260,7 +260,8 @@ def record_engine_trace(model_config: Any, *, num_sequences: int = 256, prompt_l
     """
     import torch
 
-    from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+    from dora.engines.config import EngineConfig
+    from dora.engines.torch_engine import TorchEngine
     from dora.models.model import DecoderLM
     from dora.types import PromptGroup, SamplingParams
 
@@ -268,7 +269,7 @@ def record_engine_trace(model_config: Any, *, num_sequences: int = 256, prompt_l
         raise ValueError("record_engine_trace needs a MoE model config (num_experts > 0)")
     if weights is None:
         weights = DecoderLM.from_config(model_config, seed=seed).state_dict()
-    engine = TorchEngine(model_config, TorchEngineConfig(max_num_seqs=max_num_seqs,
+    engine = TorchEngine(model_config, EngineConfig(max_num_seqs=max_num_seqs,
                                                          max_model_len=prompt_len + max_new_tokens,
                                                          max_num_batched_tokens=max(512, max_num_seqs),
                                                          seed=seed))

@@ -12,7 +12,8 @@ from pathlib import Path
 from dora.config import RunConfig
 from dora.data.prompt_source import PromptSource
 from dora.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
-from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+from dora.engines.config import EngineConfig
+from dora.engines.torch_engine import TorchEngine
 from dora.models.config import ModelConfig
 from dora.models.io import load_model
 from dora.models.model import DecoderLM
@@ -64,7 +65,7 @@ def sampling_params(cfg: RunConfig, tokenizer: Tokenizer) -> SamplingParams:
                           stop_token_ids=(tokenizer.eos_token_id,), seed=None)
 
 
-def engine_config(cfg: RunConfig, engine_id: int) -> TorchEngineConfig:
+def engine_config(cfg: RunConfig, engine_id: int) -> EngineConfig:
     """Engine `engine_id`'s config; its seed depends on the run seed and the engine id only, so
     both runtimes sample the same tokens."""
     return dataclasses.replace(cfg.engine, engine_id=engine_id, seed=cfg.seed * 1000 + engine_id, num_threads=None)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from dora.data.tokenizer import Tokenizer
-from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+from dora.engines.config import EngineConfig
+from dora.engines.torch_engine import TorchEngine
 from dora.models.model import DecoderLM
 from dora.rewards.registry import get_reward, to_result
 from dora.types import PromptGroup, SamplingParams, Trajectory
@@ -65,10 +66,10 @@ def evaluate(engine: TorchEngine, version: int, groups: Sequence[PromptGroup], t
 
 
 def greedy_accuracy(model: DecoderLM, tokenizer: Tokenizer, groups: Sequence[PromptGroup], reward: str,
-                    max_new_tokens: int, engine_config: TorchEngineConfig | None = None) -> float:
+                    max_new_tokens: int, engine_config: EngineConfig | None = None) -> float:
     """Accuracy of `model`'s current weights, on a throwaway engine."""
     prompt_len = max(len(g.prompt_ids) for g in groups)
-    config = engine_config or TorchEngineConfig(max_num_seqs=64, max_model_len=prompt_len + max_new_tokens + 1,
+    config = engine_config or EngineConfig(max_num_seqs=64, max_model_len=prompt_len + max_new_tokens + 1,
                                                 max_num_batched_tokens=1024, max_live_versions=1)
     engine = TorchEngine(model.config, config)
     with torch.no_grad():

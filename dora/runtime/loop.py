@@ -26,7 +26,8 @@ import torch
 from dora.config import RunConfig, config_to_dict
 from dora.data.prompt_source import PromptSource
 from dora.data.tokenizer import Tokenizer
-from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+from dora.engines.config import EngineConfig
+from dora.engines.torch_engine import TorchEngine
 from dora.models.config import ModelConfig
 from dora.rewards.pool import RewardPool
 from dora.rollout.driver import RolloutDriver
@@ -110,7 +111,7 @@ class TrainLoop:
         if cfg.eval.num_prompts:
             self.eval_groups = self.eval_groups[:cfg.eval.num_prompts]
         max_prompt = max(len(g.prompt_ids) for g in self.eval_groups)
-        self.eval_engine = TorchEngine(stages.model_config, TorchEngineConfig(
+        self.eval_engine = TorchEngine(stages.model_config, EngineConfig(
             device=cfg.engine.device, dtype=cfg.engine.dtype, max_num_seqs=cfg.engine.max_num_seqs,
             max_model_len=max(cfg.engine.max_model_len, max_prompt + cfg.eval.max_new_tokens + 1),
             max_num_batched_tokens=cfg.engine.max_num_batched_tokens, max_live_versions=1, engine_id=-1))

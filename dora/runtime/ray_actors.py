@@ -33,7 +33,8 @@ import torch
 
 from dora.config import RunConfig
 from dora.engines.base import EngineStats
-from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+from dora.engines.config import EngineConfig
+from dora.engines.torch_engine import TorchEngine
 from dora.models.config import ModelConfig
 from dora.models.io import save_model
 from dora.runtime import checkpoint as ckpt
@@ -54,7 +55,7 @@ _END = object()  # end of the engine's finished() stream
 class EngineActor:
     """One `TorchEngine` in its own process, fed with weights by the sync channel."""
 
-    def __init__(self, engine_config: TorchEngineConfig, sync: SyncConfig, num_threads: int) -> None:
+    def __init__(self, engine_config: EngineConfig, sync: SyncConfig, num_threads: int) -> None:
         torch.set_num_threads(num_threads)
         self.engine_config = engine_config
         self.engine_id = engine_config.engine_id

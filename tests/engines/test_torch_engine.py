@@ -15,7 +15,8 @@ import torch
 
 from dora.engines import ENGINES
 from dora.engines.base import Engine
-from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+from dora.engines.config import EngineConfig
+from dora.engines.torch_engine import TorchEngine
 from dora.models.config import ModelConfig
 from dora.models.model import DecoderLM
 from dora.types import FinishReason, PromptGroup, SamplingParams, Trajectory
@@ -40,7 +41,7 @@ def models() -> tuple[DecoderLM, DecoderLM]:
 
 def make_engine(model: DecoderLM | None = None, version: int = 0, **overrides) -> TorchEngine:
     kwargs = dict(max_num_seqs=8, max_model_len=96, max_num_batched_tokens=24, seed=0)
-    engine = TorchEngine(CFG, TorchEngineConfig(**{**kwargs, **overrides}))
+    engine = TorchEngine(CFG, EngineConfig(**{**kwargs, **overrides}))
     if model is not None:
         engine.add_version(version, model.state_dict())
     return engine
@@ -331,13 +332,13 @@ def test_async_stream_with_background_worker(models):
 
 def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match="engine.max_num_batched_tokens"):
-        TorchEngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
+        EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
     with pytest.raises(ValueError, match="engine.dtype"):
-        TorchEngineConfig(dtype="float64")
+        EngineConfig(dtype="float64")
     with pytest.raises(ValueError, match="engine.device"):
-        TorchEngineConfig(device="tpu")
+        EngineConfig(device="tpu")
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        TorchEngine(CFG, TorchEngineConfig(max_model_len=4096))
+        TorchEngine(CFG, EngineConfig(max_model_len=4096))
 
 
 class _SlowWeights(dict):
@@ -379,7 +380,7 @@ def test_decoding_continues_while_a_version_loads(models):
 def test_dense_layers_and_dense_models(overrides):
     cfg = ModelConfig.tiny(num_hidden_layers=2, **overrides)
     model = DecoderLM.from_config(cfg, seed=3).eval()
-    engine = TorchEngine(cfg, TorchEngineConfig(max_num_seqs=4, max_model_len=48, max_num_batched_tokens=8))
+    engine = TorchEngine(cfg, EngineConfig(max_num_seqs=4, max_model_len=48, max_num_batched_tokens=8))
     engine.add_version(0, model.state_dict())
     engine.submit(PromptGroup(group_id=0, prompt_id=0, prompt_ids=prompts(1, seed=13)[0], num_samples=2), 0,
                   SamplingParams(max_new_tokens=8, seed=4))

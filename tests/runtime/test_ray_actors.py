@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dora.data.tokenizer import CharTokenizer
-from dora.engines.torch_engine import TorchEngineConfig
+from dora.engines.config import EngineConfig
 from dora.models.config import ModelConfig
 from dora.models.model import DecoderLM
 from dora.runtime.ray_actors import MAX_STAGED, EngineActor
@@ -27,7 +27,7 @@ def setup():
     model = DecoderLM.from_config(model_cfg, seed=0)
     sync = SyncConfig(channel="shm", name=f"dora-test-actor-{uuid.uuid4().hex[:8]}", timeout_s=5.0)
     writer = build_channel(sync, SyncRole.writer)
-    actor = EngineActor(TorchEngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64,
+    actor = EngineActor(EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64,
                                           max_live_versions=2, engine_id=3), sync, num_threads=1)
     actor.build(model.config)
     yield actor, writer, model

@@ -4,14 +4,15 @@ convention included) and same experts. This is what makes the importance ratio a
 import pytest
 import torch
 
-from dora.engines.torch_engine import TorchEngine, TorchEngineConfig
+from dora.engines.config import EngineConfig
+from dora.engines.torch_engine import TorchEngine
 from dora.trainer import AlgorithmConfig, Trainer, TrainerConfig
 from dora.types import Batch, PromptGroup, SamplingParams
 from trainer_fixtures import tiny_model
 
 
 def _engine_batch(model, temperature):
-    engine = TorchEngine(model.config, TorchEngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=16))
+    engine = TorchEngine(model.config, EngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=16))
     engine.add_version(0, model.state_dict())
     g = torch.Generator().manual_seed(0)
     for i in range(4):
