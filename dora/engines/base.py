@@ -69,15 +69,16 @@ class Engine(Protocol):
 
 class TrajectoryStream:
     """Thread-safe hand-off of finished trajectories to the asyncio loop that consumes them (an engine's
-    `finished()`): `put` from any thread; `get` on the consuming loop. `None` ends the stream."""
+    `finished()`): `put` from any thread; `get` on the consuming loop. `None` ends the stream; an
+    exception put in it is raised by `get`, so a failed request reaches the consumer instead of vanishing."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: collections.deque[Trajectory | None] = collections.deque()
+        self._items: collections.deque[Trajectory | BaseException | None] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
 
-    def put(self, items: list[Trajectory | None]) -> None:
+    def put(self, items: list[Trajectory | BaseException | None]) -> None:
         if not items:
             return
         with self._lock:
@@ -96,6 +97,9 @@ class TrajectoryStream:
         while True:
             with self._lock:
                 if self._items:
-                    return self._items.popleft()
+                    item = self._items.popleft()
+                    if isinstance(item, BaseException):
+                        raise item
+                    return item
                 self._event.clear()
             await self._event.wait()

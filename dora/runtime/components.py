@@ -12,8 +12,10 @@ from pathlib import Path
 from dora.config import RunConfig
 from dora.data.prompt_source import PromptSource
 from dora.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
-from dora.engines.config import EngineConfig
+from dora.engines.base import Engine
+from dora.engines.config import EngineConfig, EngineKind
 from dora.engines.torch_engine import TorchEngine
+from dora.engines.vllm_engine import VllmEngine
 from dora.models.config import ModelConfig
 from dora.models.io import load_model
 from dora.models.model import DecoderLM
@@ -71,8 +73,18 @@ def engine_config(cfg: RunConfig, engine_id: int) -> EngineConfig:
     return dataclasses.replace(cfg.engine, engine_id=engine_id, seed=cfg.seed * 1000 + engine_id, num_threads=None)
 
 
-def build_engines(cfg: RunConfig, model_config: ModelConfig) -> list[TorchEngine]:
-    return [TorchEngine(model_config, engine_config(cfg, i)) for i in range(cfg.runtime.num_engines)]
+def build_engine(config: EngineConfig, model_config: ModelConfig, model_path: str = "") -> Engine:
+    """The engine `config.kind` names. vLLM serves a model folder (`model.path`); the torch engine only
+    needs the architecture (weights arrive with the first version)."""
+    if config.kind is EngineKind.vllm:
+        if not model_path:
+            raise ValueError("engine.kind=vllm serves a model folder: set model.path (a preset model has none)")
+        return VllmEngine(resolve_path(model_path), config, model_config)
+    return TorchEngine(model_config, config)
+
+
+def build_engines(cfg: RunConfig, model_config: ModelConfig) -> list[Engine]:
+    return [build_engine(engine_config(cfg, i), model_config, cfg.model.path) for i in range(cfg.runtime.num_engines)]
 
 
 def build_scheduler(cfg: RunConfig, source: PromptSource) -> Scheduler:

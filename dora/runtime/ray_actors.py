@@ -1,5 +1,5 @@
 """The Ray actors of the Ray runtime: thin process wrappers around the same classes the inline
-runtime uses (`TorchEngine`, `Trainer`, the sync channels). Nothing here knows the scheduler; the
+runtime uses (the engines, `Trainer`, the sync channels). Nothing here knows the scheduler; the
 driver-side proxies in ray_runtime.py make these actors look like an `Engine` and a `TrainerHandle`.
 
 Where they sit in the flow:
@@ -32,13 +32,12 @@ import ray
 import torch
 
 from dora.config import RunConfig
-from dora.engines.base import EngineStats
+from dora.engines.base import Engine, EngineStats
 from dora.engines.config import EngineConfig
-from dora.engines.torch_engine import TorchEngine
 from dora.models.config import ModelConfig
 from dora.models.io import save_model
 from dora.runtime import checkpoint as ckpt
-from dora.runtime.components import build_model, build_tokenizer
+from dora.runtime.components import build_engine, build_model, build_tokenizer
 from dora.sync.base import SyncConfig, SyncRole, SyncTimeout, build_channel
 from dora.sync.receiver import SyncReceiver
 from dora.trainer.trainer import Trainer
@@ -53,14 +52,14 @@ _END = object()  # end of the engine's finished() stream
 
 
 class EngineActor:
-    """One `TorchEngine` in its own process, fed with weights by the sync channel."""
+    """One engine (`engine.kind`) in its own process, fed with weights by the sync channel."""
 
     def __init__(self, engine_config: EngineConfig, sync: SyncConfig, num_threads: int) -> None:
         torch.set_num_threads(num_threads)
         self.engine_config = engine_config
         self.engine_id = engine_config.engine_id
         self.sync = sync
-        self.engine: TorchEngine | None = None
+        self.engine: Engine | None = None
         self.channel = build_channel(sync, SyncRole.reader)
         self.receiver = SyncReceiver(self.channel, self._stage, name=f"dora-sync-engine-{self.engine_id}")
         self._staged: dict[int, PolicyVersion] = {}
@@ -77,9 +76,9 @@ class EngineActor:
         self.load_s: dict[int, float] = {}
         """version -> seconds `add_version` took (waiting for the weights + preparing them)."""
 
-    def build(self, model_config: ModelConfig) -> int:
+    def build(self, model_config: ModelConfig, model_path: str = "") -> int:
         """Build the engine (KV cache) and start receiving weights. Returns this process's pid."""
-        self.engine = TorchEngine(model_config, self.engine_config)
+        self.engine = build_engine(self.engine_config, model_config, model_path)
         self.receiver.start()
         return os.getpid()
 
@@ -92,7 +91,7 @@ class EngineActor:
         self._pump.start()
         return engine.stats()
 
-    def _engine(self) -> TorchEngine:
+    def _engine(self) -> Engine:
         if self.engine is None:
             raise RuntimeError(f"engine actor {self.engine_id}: build() was not called")
         return self.engine

@@ -293,7 +293,7 @@ def build_ray_stages(cfg: RunConfig, sync: SyncConfig, actors: RayActors, timing
     tokenizer = build_tokenizer(cfg)
     source = PromptSource(cfg.data, tokenizer)
     model_config = _get(actors.trainer.model_config.remote(), sync.timeout_s + 60.0, "the trainer actor to start")
-    _get([e.build.remote(model_config) for e in actors.engines], sync.timeout_s + 60.0, "the engine actors to start")
+    _get([e.build.remote(model_config, cfg.model.path) for e in actors.engines], sync.timeout_s + 60.0, "the engine actors to start")
     timings["actors_ready_s"] = time.monotonic() - start
     step_timeout = cfg.rollout.wait_timeout_s
     engines = [RayEngineProxy(actor, i, cfg.engine.max_live_versions, sync.timeout_s)

@@ -1,0 +1,113 @@
+"""Runs inside vLLM's engine process: the worker extension that loads a new policy version.
+
+vLLM mixes `DoraWorkerExtension` into its worker class (`worker_extension_cls`); the dora engine calls
+its methods with `collective_rpc`. Tensors cross the process boundary as safetensors bytes (a pickled
+tensor only crosses `collective_rpc` in-process), one bucket per call, so no update needs a second
+full copy of the model in flight:
+
+    dora_begin_update()  ->  dora_load_bucket(bytes) x N  ->  dora_finish_update()
+
+Loading goes through vLLM's own in-place reload (`Worker.reload_weights`: layerwise, each layer's
+checkpoint-format weights through the model's `load_weights`, then the layer's processing). On CPU it
+then prepacks each MoE layer's experts again (see `_dora_rebuild_moe_kernels`): without that step the
+CPU grouped GEMM reads unpacked weights as packed ones and MoE outputs are wrong. Buckets are buffered until `dora_finish_update`, so a malformed update (unknown name,
+wrong shape) fails before any weight changes and the engine keeps serving the previous version.
+
+This module imports nothing from vLLM at import time: it must load in any process where vLLM imports
+it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["DoraWorkerExtension"]
+
+
+class DoraWorkerExtension:
+    """Methods added to vLLM's worker (`self` is the worker: `self.model_runner`, `self.reload_weights`)."""
+
+    _dora_pending: list[dict[str, torch.Tensor]]
+
+    def dora_begin_update(self) -> None:
+        self._dora_pending = []
+
+    def dora_load_bucket(self, blob: bytes) -> int:
+        """Buffer one safetensors bucket (Hugging Face checkpoint names); returns its tensor count."""
+        from safetensors.torch import load
+
+        tensors = load(blob)
+        self._dora_pending.append(tensors)
+        return len(tensors)
+
+    def dora_finish_update(self, expected_names: list[str]) -> dict[str, Any]:
+        """Load every buffered tensor into the live model. `expected_names` is the full list the
+        sender meant to send: a missing or extra name is an error before anything is loaded."""
+        pending, self._dora_pending = getattr(self, "_dora_pending", []), []
+        received = [name for bucket in pending for name in bucket]
+        missing = sorted(set(expected_names) - set(received))
+        extra = sorted(set(received) - set(expected_names))
+        if missing or extra or len(received) != len(set(received)):
+            raise ValueError(f"weight update incomplete or inconsistent: missing {missing[:5]}, unexpected "
+                             f"{extra[:5]}, {len(received) - len(set(received))} duplicated")
+        self._dora_check_names(received)
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for bucket in pending:
+                yield from bucket.items()
+
+        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        rebuilt = self._dora_rebuild_moe_kernels()
+        return {"tensors": len(received), "moe_layers_rebuilt": rebuilt}
+
+    def _dora_check_names(self, names: list[str]) -> None:
+        """Every name must map to a parameter of the live model (vLLM fuses q/k/v and gate/up and stacks
+        experts, so names are checked by the module they address, not one to one)."""
+        model = self.model_runner.get_model()
+        modules = dict(model.named_modules())
+        unknown = [n for n in names if n.rpartition(".")[0] not in modules and not _expert_parent(n, modules)
+                   and not _fused_parent(n, modules)]
+        if unknown:
+            raise KeyError(f"weight update names {unknown[:5]} match no module of the served model "
+                           f"({type(model).__name__})")
+
+    def _dora_rebuild_moe_kernels(self) -> int:
+        """vLLM's reload re-runs each MoE layer's processing as a weight update, which skips the experts
+        kernel's own step; on CPU that step prepacks the experts for the grouped GEMM, so it is re-run
+        here on the freshly loaded (unpacked) weights. Elsewhere that step is a no-op or done by the reload."""
+        from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return 0
+        rebuilt = 0
+        for module in self.model_runner.get_model().modules():
+            method = getattr(module, "quant_method", None)
+            kernel = getattr(method, "moe_kernel", None)
+            if isinstance(method, FusedMoEMethodBase) and kernel is not None:
+                kernel.fused_experts.process_weights_after_loading(module)
+                rebuilt += 1
+        return rebuilt
+
+    def dora_routing_supported(self) -> bool:
+        """Whether this worker can return routed experts (vLLM's own option, enabled at start-up)."""
+        return bool(getattr(self.vllm_config.model_config, "enable_return_routed_experts", False))
+
+
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _fused_parent(name: str, modules: dict[str, torch.nn.Module]) -> bool:
+    parent, _, _ = name.rpartition(".")
+    scope, _, leaf = parent.rpartition(".")
+    return leaf in _FUSED and f"{scope}.{_FUSED[leaf]}" in modules
+
+
+def _expert_parent(name: str, modules: dict[str, torch.nn.Module]) -> bool:
+    """`...mlp.experts.<i>.<proj>.weight` is held by the stacked `...mlp.experts` module."""
+    head, sep, _ = name.partition(".experts.")
+    return bool(sep) and f"{head}.experts" in modules
