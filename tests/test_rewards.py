@@ -19,6 +19,13 @@ from dora.rewards.registry import REWARDS, RewardResult, get_reward, is_inline, 
     ("first 3 then 4.5", "4.5"),
     ("no digits here", None),
     (r"unbalanced \boxed{12", None),
+    ("So, the answer is: 2", "2"),
+    ("**Answer:** 29", "29"),
+    ("**Answer: 29**", "29"),
+    ("The answer is 72 apples.", "72"),
+    ("#### 1,000 dollars", "1,000"),
+    ("The answer is 3/4 cup", "3/4"),
+    ("the answer is 2x+1", "2x+1"),
 ])
 def test_extract_answer(response, expected):
     assert extract_answer(response)[0] == expected
@@ -44,6 +51,7 @@ def test_parse_number_rejects_non_numbers(text):
     (r"\boxed{71}", "72", 0.0),
     ("I think 72", "72", 1.0),
     (r"\boxed{x^{2} + 1}", r"\boxed{x^{2}+1}", 1.0),
+    ("He has 12 left.\nThe answer is: 12 stickers.", "Each friend gets 12 stickers.\n#### 12", 1.0),
 ])
 def test_math_reward(response, answer, score):
     assert get_reward("math")(response, answer, {}).score == score

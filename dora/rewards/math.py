@@ -2,6 +2,7 @@
 
 `math` extracts the final answer of a response — the last `\\boxed{...}` (or `\\fbox{}`), else the
 text after the last `####` (GSM8K), else "answer is X" / "answer: X", else (optionally) the last
+number; after `####` and "answer is", a number followed by words ("is: 72 apples.") counts as the
 number — and compares it with the reference answer (itself extracted the same way when it is a
 GSM8K solution) by value when both parse as numbers: thousands commas, `$`, `%`, trailing `.0`,
 `\\frac{a}{b}`, `a/b` and decimals are normalised, so `1,000` = `1000.0` and `0.5` = `1/2`.
@@ -17,6 +18,9 @@ from typing import Any
 from dora.rewards.registry import RewardResult, register
 
 _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*(.+)", re.IGNORECASE)
+# A number leading an answer phrase ("72 apples", "1,000 dollars", "3/4 cup"), not one that starts an
+# expression ("2x+1"): it must be followed by a space, punctuation or the end.
+_LEADING_NUMBER = re.compile(r"\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?)(?=[\s.,;:!?)*]|$)")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
@@ -50,15 +54,24 @@ def extract_answer(text: str, *, fallback_last_number: bool = True) -> tuple[str
         return boxed, "boxed" if boxed is not None else "none"
     if "####" in text:
         tail = text.rsplit("####", 1)[1].strip()
-        return (tail.splitlines()[0].strip() if tail else None), "hashes"
+        return (_answer_phrase(tail.splitlines()[0]) if tail else None), "hashes"
     matches = _ANSWER_IS.findall(text)
     if matches:
-        return matches[-1].strip().rstrip("."), "answer_is"
+        return _answer_phrase(matches[-1]), "answer_is"
     if fallback_last_number:
         numbers = _NUMBER.findall(text)
         if numbers:
             return numbers[-1], "last_number"
     return None, "none"
+
+
+def _answer_phrase(text: str) -> str:
+    """What follows "answer is" / "####", without the punctuation and markdown around it and, when it
+    is a number followed by words ("72 apples."), without the words."""
+    text = text.strip().lstrip(":=*").strip().rstrip(".").strip()
+    if parse_number(text) is None and (m := _LEADING_NUMBER.match(text)):
+        return m.group(1)
+    return text
 
 
 def _strip_markup(text: str) -> str:
