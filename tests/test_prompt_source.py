@@ -115,3 +115,20 @@ def test_bad_state_and_arguments_are_clear_errors():
         source.eval_groups(0)
     with pytest.raises(ValueError, match="max_prompt_length=5"):
         PromptSource(DataConfig(train_size=20, eval_size=0, max_prompt_length=5), CharTokenizer())
+
+
+class _ChatCharTokenizer(CharTokenizer):
+    def apply_chat_template(self, prompt):
+        return f"<user>{prompt}<assistant>"
+
+
+def test_chat_template_wraps_the_templated_prompt_without_a_second_bos(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"question": "2+3?", "answer": "#### 5"}) + "\n")
+    config = DataConfig(source=str(data), eval_size=0, prompt_key="question",
+                        prompt_template="Q: {question}", use_chat_template=True, n=2)
+    tok = _ChatCharTokenizer()
+    group = PromptSource(config, tok).next_group()
+    assert group.prompt_text == "<user>Q: 2+3?<assistant>"
+    assert group.prompt_ids == tok.encode("<user>Q: 2+3?<assistant>")  # the template owns the start of text
+    assert group.answer == "#### 5"
