@@ -72,7 +72,9 @@ def main() -> None:
     args = sys.argv[1:]
     if args and not args[0].startswith("-") and "=" not in args[0]:
         args[0] = _recipe_override(args[0])
-    sys.argv = [sys.argv[0], *args, _SEARCHPATH]
+    # First: Hydra's parser takes the overrides as one run of positionals, so one appended after
+    # `--cfg job` would be rejected.
+    sys.argv = [sys.argv[0], _SEARCHPATH, *args]
     try:
         _hydra_main()
     except ValueError as e:  # config errors: one clear line, no traceback
