@@ -26,19 +26,28 @@ _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
-    """JSON skeleton of `obj`; tensors move to `tensors` under unique names."""
+    """JSON skeleton of `obj`; tensors move to `tensors` under unique names. Tensors that view the
+    same memory the same way (tied embeddings and lm_head) are stored once and named at every place:
+    safetensors refuses to write shared memory, and a reload then restores them equal."""
+    return _flatten(obj, tensors, prefix, {})
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str, views: dict[tuple, str]) -> Any:
     if isinstance(obj, torch.Tensor):
-        name = f"{prefix}.{len(tensors)}"
-        tensors[name] = obj.detach().cpu().contiguous()
-        return {_TENSOR: name}
+        view = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape),
+                obj.stride(), obj.dtype)
+        if view not in views:
+            views[view] = f"{prefix}.{len(tensors)}"
+            tensors[views[view]] = obj.detach().cpu().contiguous()
+        return {_TENSOR: views[view]}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj) and _TENSOR not in obj and _DICT not in obj:
-            return {k: flatten_state(v, tensors, prefix) for k, v in obj.items()}
-        return {_DICT: [[k, flatten_state(v, tensors, prefix)] for k, v in obj.items()]}
+            return {k: _flatten(v, tensors, prefix, views) for k, v in obj.items()}
+        return {_DICT: [[k, _flatten(v, tensors, prefix, views)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {_TUPLE: [flatten_state(v, tensors, prefix) for v in obj]}
+        return {_TUPLE: [_flatten(v, tensors, prefix, views) for v in obj]}
     if isinstance(obj, list):
-        return [flatten_state(v, tensors, prefix) for v in obj]
+        return [_flatten(v, tensors, prefix, views) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} ({obj!r:.80}): only tensors, containers and scalars")

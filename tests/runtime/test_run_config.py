@@ -3,8 +3,10 @@ import torch
 
 from dora.cli import compose_config, recipe_names
 from dora.config import RunConfig
+from dora.models.config import ModelConfig
+from dora.models.model import DecoderLM
 from dora.rollout.config import RolloutMode
-from dora.runtime.checkpoint import flatten_state, unflatten_state
+from dora.runtime.checkpoint import flatten_state, load_state, save_state, unflatten_state
 
 
 def test_every_recipe_composes_to_typed_objects():
@@ -53,3 +55,13 @@ def test_checkpoint_state_round_trips_without_pickle():
     assert restored["count"] == 3 and restored["none"] is None
     with pytest.raises(TypeError, match="cannot checkpoint"):
         flatten_state({"f": object()}, {})
+
+
+def test_checkpoint_of_a_tied_model_stores_the_shared_weight_once(tmp_path):
+    model = DecoderLM.from_config(ModelConfig.tiny(tie_word_embeddings=True), seed=0)
+    save_state(tmp_path, "trainer", {"policy": model.state_dict()})
+    state, tensors = load_state(tmp_path, "trainer")
+    assert len(tensors) == len(model.state_dict()) - 1
+    restored = DecoderLM.from_config(ModelConfig.tiny(tie_word_embeddings=True), seed=1)
+    restored.load_state_dict(state["policy"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
