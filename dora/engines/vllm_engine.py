@@ -127,7 +127,11 @@ class VllmEngine:
             logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
             kv_cache_memory_bytes=kv_bytes, enable_return_routed_experts=routed_experts,
         )
-        if not on_cpu:
+        if on_cpu:
+            # vLLM's CPU runner rewinds a seeded request's generator after a partial (chunked) prefill
+            # step, which CPU generators cannot do ("CPU Generator does not use offset"): whole prompts only.
+            args["enable_chunked_prefill"] = False
+        else:
             args["gpu_memory_utilization"] = opts.gpu_memory_utilization
         args.update(opts.engine_args)
         return AsyncEngineArgs(**args)
@@ -366,12 +370,20 @@ class VllmEngine:
                 return
             self._closed = True
         try:
-            self._llm.shutdown()
-            self._llm = None  # collected now, not at interpreter exit (vLLM's __del__ shuts down again)
+            self._call(self._shutdown())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
+            self._loop.close()
             self._stream.put([None])
+
+    async def _shutdown(self) -> None:
+        llm, self._llm = self._llm, None  # collected now, not at interpreter exit (vLLM's __del__ shuts down again)
+        llm.shutdown()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -5,6 +5,7 @@ the same way wherever it lives.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from pathlib import Path
@@ -84,7 +85,20 @@ def build_engine(config: EngineConfig, model_config: ModelConfig, model_path: st
 
 
 def build_engines(cfg: RunConfig, model_config: ModelConfig) -> list[Engine]:
-    return [build_engine(engine_config(cfg, i), model_config, cfg.model.path) for i in range(cfg.runtime.num_engines)]
+    """All engines; vLLM replicas start their engine processes concurrently (each takes seconds)."""
+    configs = [engine_config(cfg, i) for i in range(cfg.runtime.num_engines)]
+    if cfg.engine.kind is not EngineKind.vllm:
+        return [build_engine(c, model_config, cfg.model.path) for c in configs]
+    with concurrent.futures.ThreadPoolExecutor(len(configs)) as pool:
+        futures = [pool.submit(build_engine, c, model_config, cfg.model.path) for c in configs]
+        concurrent.futures.wait(futures)
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        for f in futures:
+            if f.exception() is None:
+                f.result().close()
+        raise failed[0]
+    return [f.result() for f in futures]
 
 
 def build_scheduler(cfg: RunConfig, source: PromptSource) -> Scheduler:

@@ -107,6 +107,13 @@ class TrainLoop:
         self.tokenizer, self.source, self.scheduler = stages.tokenizer, stages.source, stages.scheduler
         self.engines, self.rewards, self.trainer = stages.engines, stages.rewards, stages.trainer
         self.sampling = sampling_params(cfg, self.tokenizer)
+        replay = cfg.algorithm.routing_replay
+        if stages.model_config.is_moe and replay is not False:
+            blind = [e.engine_id for e in self.engines if not e.stats().capabilities.get("routing_record", True)]
+            if blind:
+                raise ValueError(f"algorithm.routing_replay is {'on' if replay else 'on by default for MoE models'}, "
+                                 f"but engines {blind} cannot record routing (see their stats().capabilities); "
+                                 f"set algorithm.routing_replay=false to train with the trainer's own routing")
         self.eval_groups = self.source.eval_groups()
         if cfg.eval.num_prompts:
             self.eval_groups = self.eval_groups[:cfg.eval.num_prompts]
