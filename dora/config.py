@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dora.data.config import DataConfig
-from dora.engines.config import EngineConfig
+from dora.engines.config import EngineConfig, EngineKind
 from dora.registry import parse_enum
 from dora.rewards.pool import RewardConfig
 from dora.rollout.config import RolloutConfig
@@ -172,6 +172,8 @@ class RunConfig:
         if abs(self.algorithm.temperature - self.sampling.temperature) > 1e-12:
             raise ValueError(f"algorithm.temperature ({self.algorithm.temperature}) must equal sampling.temperature "
                              f"({self.sampling.temperature}): the trainer's log-probs must match the engine's")
+        if self.engine.kind is EngineKind.vllm and not self.model.path:
+            raise ValueError("engine.kind=vllm serves a model folder: set model.path (a preset model has none)")
 
 
 ConfigStore.instance().store(name="dora_schema", node=RunConfig)

@@ -85,9 +85,10 @@ def build_engine(config: EngineConfig, model_config: ModelConfig, model_path: st
 
 
 def build_engines(cfg: RunConfig, model_config: ModelConfig) -> list[Engine]:
-    """All engines; vLLM replicas start their engine processes concurrently (each takes seconds)."""
+    """All engines. vLLM replicas on the CPU start their engine processes concurrently (each takes
+    seconds); on a GPU one after another, since each sizes its KV cache from the memory left free."""
     configs = [engine_config(cfg, i) for i in range(cfg.runtime.num_engines)]
-    if cfg.engine.kind is not EngineKind.vllm:
+    if cfg.engine.kind is not EngineKind.vllm or cfg.engine.device != "cpu":
         return [build_engine(c, model_config, cfg.model.path) for c in configs]
     with concurrent.futures.ThreadPoolExecutor(len(configs)) as pool:
         futures = [pool.submit(build_engine, c, model_config, cfg.model.path) for c in configs]

@@ -12,7 +12,9 @@ from dora.runtime.checkpoint import flatten_state, load_state, save_state, unfla
 def test_every_recipe_composes_to_typed_objects():
     assert {"grpo_tiny", "grpo_tiny_sync", "ppo_tiny"} <= set(recipe_names())
     for name in recipe_names():
-        cfg = compose_config(name, ["logging.run_dir=/tmp/unused"])
+        # grpo_qwen_1gpu serves a model folder the user names
+        path = ["model.path=/models/any"] if name == "grpo_qwen_1gpu" else []
+        cfg = compose_config(name, [*path, "logging.run_dir=/tmp/unused"])
         assert isinstance(cfg, RunConfig)
         assert cfg.data.n == cfg.rollout.group_size
         assert cfg.engine.max_live_versions == cfg.rollout.max_live_versions
@@ -41,6 +43,17 @@ def test_bad_config_fails_at_start_naming_the_key(override, key):
         return
     with pytest.raises(Exception, match=key):
         compose_config("grpo_tiny", [override, "logging.run_dir=/tmp/x"])
+
+
+def test_engine_kind_choices_fail_clearly():
+    with pytest.raises(Exception, match="engine.kind"):  # Hydra checks the enum while composing
+        compose_config("grpo_tiny", ["engine.kind=tensorrt", "logging.run_dir=/tmp/x"])
+    with pytest.raises(ValueError, match="set model.path"):
+        compose_config("grpo_qwen_1gpu", ["logging.run_dir=/tmp/x"])
+    with pytest.raises(ValueError, match="engine.max_live_versions must be 1"):  # one version per vLLM replica
+        compose_config("grpo_qwen_1gpu", ["model.path=/m", "rollout.max_live_versions=2", "logging.run_dir=/tmp/x"])
+    cfg = compose_config("grpo_qwen_1gpu", ["model.path=/m", "logging.run_dir=/tmp/x"])
+    assert (cfg.engine.kind.value, cfg.runtime.num_engines, cfg.engine.max_live_versions) == ("vllm", 2, 1)
 
 
 def test_checkpoint_state_round_trips_without_pickle():
