@@ -14,7 +14,13 @@ runs are excluded. Two workloads, at batch 1, 16 and 64:
   request of the batch; dora keeps its `batch` slots full (continuous batching). Only requested
   tokens count.
 Fixed-length cells are the best of `--repeats` runs. Reports generated tokens per second; `--json` writes
-{"tokens_per_s": {"dora": {"fixed": {"1": ..}, "variable": {..}}, "hf": {..}}, "ratio": {..}}.
+{"tokens_per_s": {"dora": {"fixed": {"1": ..}, "variable": {..}}, "hf": {..}, "vllm": {..}}, "ratio": {..},
+"ratio_vs_vllm": {..}}.
+
+Where vLLM is importable (`make vllm-venv`, then run this with .venv-vllm/bin/python), vLLM runs the same
+folder and workloads after dora and HF (its engine process bound to `--threads` cores, whole batches
+submitted at once, `max_num_seqs` = batch, so it batches continuously like dora), after the same
+greedy-parity check. `--no-vllm` skips it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from dora.engines.experts import MOE_IMPLS
 from dora.engines.config import EngineConfig
+from dora.engines.experts import MOE_IMPLS
 from dora.engines.torch_engine import TorchEngine
 from dora.models.config import ModelConfig
 from dora.models.io import save_model
@@ -91,6 +99,35 @@ def dora_generate(engine: TorchEngine, prompts: list[list[int]], new_tokens: lis
     return outputs, sum(len(o) for o in outputs)
 
 
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_vllm(folder: str, batch: int, max_len: int, dtype: str, threads: int):
+    """vLLM's offline engine on `folder`, its engine process bound to the first `threads` cores."""
+    from vllm import LLM
+
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if threads == 1 else f"0-{threads - 1}"
+    return LLM(model=folder, skip_tokenizer_init=True, dtype=dtype, max_model_len=max_len, max_num_seqs=batch,
+               max_num_batched_tokens=max(512, batch, max_len), kv_cache_memory_bytes=1 << 28, enforce_eager=True,
+               seed=0)
+
+
+def vllm_generate(llm, prompts: list[list[int]], new_tokens: list[int]) -> tuple[list[list[int]], int]:
+    """All requests at once, exactly `n` new tokens each (EOS ignored) -> (tokens, counted)."""
+    from vllm import SamplingParams as VllmSamplingParams
+
+    params = [VllmSamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+              for n in new_tokens]
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outputs = [list(o.outputs[0].token_ids) for o in out]
+    return outputs, sum(len(o) for o in outputs)
+
+
 def make_engine(cfg: ModelConfig, model: DecoderLM, batch: int, max_len: int, device: str,
                 moe_impl: str = "auto") -> TorchEngine:
     engine = TorchEngine(cfg, EngineConfig(device=device, max_num_seqs=batch, max_model_len=max_len,
@@ -115,13 +152,24 @@ def timed(fn, clock=time.perf_counter) -> tuple[float, object]:
 def run_benchmark(cfg: ModelConfig, *, batches=BATCHES, prompt_len: int = 32, fixed_tokens: int = 64,
                   requests: int = 256, median_tokens: int = 24, max_tokens: int = 256, quick: bool = False,
                   device: str = "cpu", seed: int = 0, clock: str = "wall", repeats: int = 3,
-                  moe_impl: str = "auto", log=print) -> dict:
+                  moe_impl: str = "auto", with_vllm: bool = False, threads: int = 1, log=print) -> dict:
+    folder = tempfile.mkdtemp(prefix="dora-bench-engine-")
+    try:
+        return _run_benchmark(cfg, folder, batches=batches, prompt_len=prompt_len, fixed_tokens=fixed_tokens,
+                              requests=requests, median_tokens=median_tokens, max_tokens=max_tokens, quick=quick,
+                              device=device, seed=seed, clock=clock, repeats=repeats, moe_impl=moe_impl,
+                              with_vllm=with_vllm, threads=threads, log=log)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_benchmark(cfg: ModelConfig, folder: str, *, batches, prompt_len, fixed_tokens, requests, median_tokens,
+                   max_tokens, quick, device, seed, clock, repeats, moe_impl, with_vllm, threads, log) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = DecoderLM.from_config(cfg, seed=seed).eval()
-    with tempfile.TemporaryDirectory() as folder:
-        save_model(model, folder)
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=cfg.torch_dtype).eval()
+    save_model(model, folder)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=cfg.torch_dtype).eval()
     model = model.to(device)
     hf_model = hf_model.to(device)
     max_len = prompt_len + max(fixed_tokens, max_tokens) + 1
@@ -140,13 +188,18 @@ def run_benchmark(cfg: ModelConfig, *, batches=BATCHES, prompt_len: int = 32, fi
 
     results: dict[str, dict[str, dict[str, float]]] = {"dora": {"fixed": {}, "variable": {}},
                                                       "hf": {"fixed": {}, "variable": {}}}
-    for batch in batches:
+
+    def workloads_of(batch: int) -> list[Workload]:
         workloads = [Workload("fixed", make_prompts(cfg, batch, prompt_len, seed + 2), [fixed_tokens] * batch)]
         num_requests = requests if batch > 1 or not quick else max(8, requests // 16)
         if batch == 1 and not quick:
             num_requests = max(16, requests // 4)  # batch 1 gains nothing from more requests, only time
         workloads.append(Workload("variable", make_prompts(cfg, num_requests, prompt_len, seed + 3),
                                   long_tailed_lengths(num_requests, median_tokens, max_tokens, seed + 4)))
+        return workloads
+
+    for batch in batches:
+        workloads = workloads_of(batch)
         engine = make_engine(cfg, model, batch, max_len, device, moe_impl)
         warm_prompts = make_prompts(cfg, batch, prompt_len, seed + 5)
         first_id += 10_000
@@ -169,7 +222,32 @@ def run_benchmark(cfg: ModelConfig, *, batches=BATCHES, prompt_len: int = 32, fi
                 f"dora {dora_n / dora_s:8.0f} tok/s ({dora_s:.2f} s), HF {hf_n / hf_s:8.0f} tok/s ({hf_s:.2f} s)")
     top = str(batches[-1])
     ratio = {name: {top: results["dora"][name][top] / results["hf"][name][top]} for name in ("fixed", "variable")}
-    return {"tokens_per_s": results, "ratio": ratio}
+    report = {"tokens_per_s": results, "ratio": ratio}
+    if with_vllm:  # last: vLLM binds its engine process's threads to cores, and nothing else runs then
+        results["vllm"] = {"fixed": {}, "variable": {}}
+        for batch in batches:
+            llm = make_vllm(folder, batch, max_len, cfg.dtype, threads)
+            try:
+                if batch == batches[-1]:
+                    theirs, _ = vllm_generate(llm, check_prompts, check_tokens)
+                    mismatched = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+                    if mismatched:
+                        raise AssertionError(f"greedy tokens differ between dora and vLLM for prompts {mismatched}")
+                    log(f"parity: identical greedy tokens in vLLM on {len(check_prompts)} prompts")
+                vllm_generate(llm, make_prompts(cfg, batch, prompt_len, seed + 5), [8] * batch)
+                for w in workloads_of(batch):
+                    best = math.inf
+                    for _ in range(repeats if w.name == "fixed" else 1):
+                        seconds, (_, n) = timed(lambda: vllm_generate(llm, w.prompts, w.new_tokens))
+                        best = min(best, seconds)
+                    assert n == sum(w.new_tokens), (n, sum(w.new_tokens))
+                    results["vllm"][w.name][str(batch)] = n / best
+                    log(f"batch {batch:>3} {w.name:>8}: vLLM {n / best:8.0f} tok/s ({best:.2f} s)")
+            finally:
+                del llm
+        report["ratio_vs_vllm"] = {name: {b: results["dora"][name][b] / results["vllm"][name][b]
+                                          for b in map(str, batches)} for name in ("fixed", "variable")}
+    return report
 
 
 def print_table(report: dict, batches, title: str) -> None:
@@ -177,13 +255,19 @@ def print_table(report: dict, batches, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("workload", "batch", "dora tok/s", "HF tok/s", "dora / HF"):
-        table.add_column(col, justify="right")
     tps = report["tokens_per_s"]
+    vllm = "vllm" in tps
+    columns = ["workload", "batch", "dora tok/s", "HF tok/s", "dora / HF"]
+    for col in columns + (["vLLM tok/s", "dora / vLLM"] if vllm else []):
+        table.add_column(col, justify="right")
     for name in ("fixed", "variable"):
         for b in map(str, batches):
             d, h = tps["dora"][name][b], tps["hf"][name][b]
-            table.add_row(name, b, f"{d:,.0f}", f"{h:,.0f}", f"{d / h:.2f}x")
+            row = [name, b, f"{d:,.0f}", f"{h:,.0f}", f"{d / h:.2f}x"]
+            if vllm:
+                v = tps["vllm"][name][b]
+                row += [f"{v:,.0f}", f"{d / v:.2f}x"]
+            table.add_row(*row)
     Console().print(table)
 
 
@@ -200,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                         help="wall time, or CPU time of the calling thread (shared machines; needs --threads 1)")
     parser.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS, help="dora's MoE experts (engine.moe_impl)")
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM even where it is importable")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.clock == "thread" and args.threads != 1:
@@ -209,7 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     requests = min(args.requests, 96) if args.quick else args.requests
     report = run_benchmark(cfg, fixed_tokens=args.fixed_tokens, requests=requests, quick=args.quick,
                            device=args.device, seed=args.seed, clock=args.clock,
-                           repeats=1 if args.quick else args.repeats, moe_impl=args.moe_impl)
+                           repeats=1 if args.quick else args.repeats, moe_impl=args.moe_impl,
+                           with_vllm=not args.no_vllm and args.device == "cpu" and vllm_available(),
+                           threads=args.threads)
     print_table(report, BATCHES, f"bench7m, {args.dtype}, {args.threads} threads, {args.device}, {args.clock} clock")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
