@@ -12,8 +12,9 @@ drop versions. What differs is how versions live:
   by the old ones.) An idle live version is replaced only once the new weights have loaded.
 - Weights go through vLLM's own loading path: converted to Hugging Face checkpoint names, checked
   against the model's shapes (a mismatch fails before anything is sent, so the engine keeps serving
-  the previous version), serialised as safetensors buckets and loaded by the worker extension in
-  dora/engines/vllm_worker.py; then the prefix cache is reset (its KV belongs to the old weights).
+  the previous version), written as safetensors bucket files in shared memory and loaded by the worker
+  extension in dora/engines/vllm_worker.py, which reads them memory-mapped; then the prefix cache is
+  reset (its KV belongs to the old weights).
 
 Sampling follows dora's conventions: requests carry token ids (vLLM's tokenizer is not used), the
 group's stop tokens are its only stop condition, sample i of a group uses seed + i, and behavior
@@ -37,6 +38,8 @@ import asyncio
 import collections
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -54,6 +57,7 @@ from dora.types import FinishReason, PromptGroup, SamplingParams, Trajectory
 
 WORKER_EXTENSION = "dora.engines.vllm_worker.DoraWorkerExtension"
 _CPU_KV_CACHE_BYTES = 256 << 20
+_SHM = Path("/dev/shm")
 _STATS_WINDOW_S = 5.0
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
@@ -189,41 +193,56 @@ class VllmEngine:
             if self._loading:
                 raise RuntimeError(f"engine {self.engine_id}: another version is loading")
             self._loading = True
+        folder = None
         try:
             t0 = time.perf_counter()
-            buckets, names = self._buckets(version, weights)
+            folder = tempfile.mkdtemp(prefix=f"dora-vllm-{self.engine_id}-v{version}-",
+                                      dir=_SHM if _SHM.is_dir() else None)
+            buckets, names = self._write_buckets(version, weights, Path(folder))
             self._call(self._load(buckets, names))
             self.load_seconds.append(time.perf_counter() - t0)
             with self._lock:
                 self._live = version
         finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
             with self._lock:
                 self._loading = False
 
-    def _buckets(self, version: int, weights: Mapping[str, torch.Tensor]) -> tuple[list[bytes], list[str]]:
-        from safetensors.torch import save
+    def _write_buckets(self, version: int, weights: Mapping[str, torch.Tensor],
+                       folder: Path) -> tuple[list[str], list[str]]:
+        """Hugging Face names, shapes checked, written as safetensors files of about `update_bucket_mb`."""
+        from safetensors.torch import save_file
 
         hf = to_hf_state_dict(dict(weights), self.model_config)
         check_hf_shapes({k: tuple(v.shape) for k, v in hf.items()}, self.model_config,
                         source=f"version {version} for vLLM engine {self.engine_id}")
         dtype = getattr(torch, self.config.dtype)
         limit = self.config.vllm.update_bucket_mb << 20
-        buckets, current, size = [], {}, 0
+        paths: list[str] = []
+        current: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal current, size
+            paths.append(str(folder / f"bucket_{len(paths):04d}.safetensors"))
+            save_file(current, paths[-1])
+            current, size = {}, 0
+
         for name, tensor in hf.items():
             current[name] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
             size += current[name].numel() * current[name].element_size()
             if size >= limit:
-                buckets.append(save(current))
-                current, size = {}, 0
+                flush()
         if current:
-            buckets.append(save(current))
-        return buckets, list(hf)
+            flush()
+        return paths, list(hf)
 
-    async def _load(self, buckets: list[bytes], names: list[str]) -> None:
+    async def _load(self, buckets: list[str], names: list[str]) -> None:
         llm = self._llm
         await llm.collective_rpc("dora_begin_update")
-        for blob in buckets:
-            await llm.collective_rpc("dora_load_bucket", args=(blob,))
+        for path in buckets:
+            await llm.collective_rpc("dora_load_bucket", args=(path,))
         await llm.collective_rpc("dora_finish_update", args=(names,))
         await llm.reset_prefix_cache()
 

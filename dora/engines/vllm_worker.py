@@ -1,17 +1,19 @@
 """Runs inside vLLM's engine process: the worker extension that loads a new policy version.
 
 vLLM mixes `DoraWorkerExtension` into its worker class (`worker_extension_cls`); the dora engine calls
-its methods with `collective_rpc`. Tensors cross the process boundary as safetensors bytes (a pickled
-tensor only crosses `collective_rpc` in-process), one bucket per call, so no update needs a second
-full copy of the model in flight:
+its methods with `collective_rpc`. Tensors cross the process boundary as safetensors bucket files in
+shared memory (/dev/shm): `collective_rpc` carries only their paths (a pickled tensor crosses it only
+in-process, and pickling hundreds of MB through its socket costs several copies), and the worker reads
+each tensor straight from the memory-mapped file while loading it:
 
-    dora_begin_update()  ->  dora_load_bucket(bytes) x N  ->  dora_finish_update()
+    dora_begin_update()  ->  dora_load_bucket(path) x N  ->  dora_finish_update(names)
 
 Loading goes through vLLM's own in-place reload (`Worker.reload_weights`: layerwise, each layer's
 checkpoint-format weights through the model's `load_weights`, then the layer's processing). On CPU it
 then prepacks each MoE layer's experts again (see `_dora_rebuild_moe_kernels`): without that step the
-CPU grouped GEMM reads unpacked weights as packed ones and MoE outputs are wrong. Buckets are buffered until `dora_finish_update`, so a malformed update (unknown name,
-wrong shape) fails before any weight changes and the engine keeps serving the previous version.
+CPU grouped GEMM reads unpacked weights as packed ones and MoE outputs are wrong. Nothing is loaded
+before `dora_finish_update` has checked the names of every bucket, so a malformed update fails before
+any weight changes and the engine keeps serving the previous version.
 
 This module imports nothing from vLLM at import time: it must load in any process where vLLM imports
 it by name.
@@ -30,24 +32,30 @@ __all__ = ["DoraWorkerExtension"]
 class DoraWorkerExtension:
     """Methods added to vLLM's worker (`self` is the worker: `self.model_runner`, `self.reload_weights`)."""
 
-    _dora_pending: list[dict[str, torch.Tensor]]
+    _dora_pending: list[str]
 
     def dora_begin_update(self) -> None:
         self._dora_pending = []
 
-    def dora_load_bucket(self, blob: bytes) -> int:
-        """Buffer one safetensors bucket (Hugging Face checkpoint names); returns its tensor count."""
-        from safetensors.torch import load
+    def dora_load_bucket(self, path: str) -> int:
+        """Register one safetensors bucket file (Hugging Face checkpoint names); returns its tensor count."""
+        from safetensors import safe_open
 
-        tensors = load(blob)
-        self._dora_pending.append(tensors)
-        return len(tensors)
+        with safe_open(path, "pt") as f:
+            count = len(list(f.keys()))
+        self._dora_pending.append(path)
+        return count
 
     def dora_finish_update(self, expected_names: list[str]) -> dict[str, Any]:
-        """Load every buffered tensor into the live model. `expected_names` is the full list the
+        """Load every registered bucket into the live model. `expected_names` is the full list the
         sender meant to send: a missing or extra name is an error before anything is loaded."""
-        pending, self._dora_pending = getattr(self, "_dora_pending", []), []
-        received = [name for bucket in pending for name in bucket]
+        from safetensors import safe_open
+
+        paths, self._dora_pending = getattr(self, "_dora_pending", []), []
+        received = []
+        for path in paths:
+            with safe_open(path, "pt") as f:
+                received.extend(f.keys())
         missing = sorted(set(expected_names) - set(received))
         extra = sorted(set(received) - set(expected_names))
         if missing or extra or len(received) != len(set(received)):
@@ -56,8 +64,10 @@ class DoraWorkerExtension:
         self._dora_check_names(received)
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
-            for bucket in pending:
-                yield from bucket.items()
+            for path in paths:
+                with safe_open(path, "pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
 
         self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         rebuilt = self._dora_rebuild_moe_kernels()
