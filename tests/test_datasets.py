@@ -143,3 +143,15 @@ def test_config_composes_with_omegaconf():
     node.n = 0
     with pytest.raises(ValueError, match=r"data\.n must be >= 1"):
         OmegaConf.to_object(node)
+
+
+def test_relative_data_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    """Recipes name data files relative to the repository; a run started elsewhere still finds them."""
+
+    monkeypatch.chdir(tmp_path)
+    splits = build_dataset(DataConfig(source="assets/word_problems/train.jsonl",
+                                      eval_path="assets/word_problems/test.jsonl", prompt_key="question",
+                                      answer_key="answer"))
+    assert (len(splits.train), len(splits.eval)) == (2000, 200)
+    with pytest.raises(ValueError, match="no_such.jsonl does not exist"):
+        build_dataset(DataConfig(source="no_such.jsonl"))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dora.data.config import DataConfig
+from dora.paths import REPO_ROOT, resolve_path
 from dora.registry import Registry
 
 LOCAL_SUFFIXES = (".jsonl", ".parquet")
@@ -62,7 +63,7 @@ def build_dataset(config: DataConfig) -> DatasetSplits:
     source = config.source
     if source in DATASETS:
         return _as_splits(DATASETS.get(source)(config), config, source)
-    if Path(source).suffix in LOCAL_SUFFIXES or Path(source).is_file():
+    if Path(source).suffix in LOCAL_SUFFIXES or resolve_path(source).is_file():
         train = read_local_rows(source, config)
         if config.eval_path:
             return DatasetSplits(train=train, eval=read_local_rows(config.eval_path, config))
@@ -96,9 +97,9 @@ def split_rows(rows: Sequence[Row], config: DataConfig, source: str) -> DatasetS
 
 
 def read_local_rows(path: str, config: DataConfig) -> list[Row]:
-    file = Path(path)
+    file = resolve_path(path)
     if not file.is_file():
-        raise ValueError(f"dataset file {file} does not exist")
+        raise ValueError(f"dataset file {path} does not exist (neither in the working directory nor in {REPO_ROOT})")
     if file.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(file.read_text().splitlines(), start=1):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
-from pathlib import Path
 
 from dora.config import RunConfig
 from dora.data.prompt_source import PromptSource
@@ -20,21 +18,12 @@ from dora.engines.vllm_engine import VllmEngine
 from dora.models.config import ModelConfig
 from dora.models.io import load_model
 from dora.models.model import DecoderLM
+from dora.paths import REPO_ROOT, resolve_path  # noqa: F401  (REPO_ROOT: re-exported for callers)
 from dora.rewards.pool import RewardPool
 from dora.rollout.scheduler import Scheduler
 from dora.types import PromptGroup, SamplingParams, Trajectory
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def resolve_path(path: str) -> Path:
-    """A path as given if it exists (absolute or relative to the working directory), else relative
-    to the repository root (so recipes work from any directory)."""
-    p = Path(os.path.expanduser(path))
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p
 
 
 def build_tokenizer(cfg: RunConfig) -> Tokenizer:
