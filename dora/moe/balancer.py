@@ -12,36 +12,37 @@ those counts into `Plan`s (`dora.moe.plan`) at two levels:
    same micro-batches thus land on different nodes and every node stays near the mean in every
    micro-batch. An expert heavier than a rank fills whole ranks of its node, so node budgets count
    such experts as several slots. Moving an expert between nodes crosses the slow link: once a step.
-2. **Per micro-batch, inside each node** (`plan_microbatch`, intra-batch). The node's experts are
-   packed onto its ranks by longest-processing-time first with splitting: the heaviest remaining
-   piece goes to the lightest rank; if it would lift that rank above the node's level (its mean,
-   rounded up) and a slot is left for the rest, the rank takes exactly up to the level and the rest
-   is queued as another replica. A repair pass then moves load off ranks still above the level into
-   free slots (directly, or by swapping a small piece out of a full rank), and every replicated
-   expert's tokens are water-filled over its copies' ranks. So replicas and their (uneven) token
-   quotas are planned together with the placement; an even split over a fixed placement is what
-   EPLB does. Experts prefer the rank they held in the previous micro-batch when that costs less
-   than a weight copy (`sticky`, `move_cost_tokens`). Copies move over NVLink, and the cost model
-   charges what compute does not hide.
+2. **Per micro-batch, inside each node** (`plan_microbatch`, intra-batch). Each node's experts
+   are packed onto its ranks so that every rank holds the node's mean load, give or take a token
+   slot: `dora.moe.packing.pack_windows`, vectorised over all nodes, lays the node's experts on a
+   line in an order that keeps every rank within its slots and cuts the line into G equal windows
+   (McNaughton's rule), so an expert cut at a window edge becomes replicas with uneven token quotas
+   on neighbouring ranks. Replicas and quotas are thus planned together with the placement; an even
+   split over a fixed placement is what EPLB does. A node whose slots the windows would overflow
+   (too many experts for the cuts a perfect balance needs) is packed by `LptPack` instead: longest
+   processing time first with splitting, a repair pass and water-filled quotas, preferring the rank
+   an expert held in the previous micro-batch (`sticky`, `move_cost_tokens`). Either way a copy
+   that stays on a rank keeps its slot, and a plan that does not pay for its weight copies gives
+   way to the previous layout. Copies move over NVLink, and the cost model charges what compute
+   does not hide.
    `cross_node=True` first hands the excess of nodes above the global mean to replicas in nodes
    below it, preferring experts that already have a copy there (weights cross the inter-node link,
    priced by the cost model).
 
-Loops in Python run over ranks, nodes and the pieces of one node (a few dozen); per-expert work is
-numpy. Deterministic: ties break on the lowest index.
+Per-expert work is numpy; loops in Python run over the experts of a step's placement, over nodes
+when they shed load, and inside `LptPack` for the few nodes it packs. Deterministic: ties break
+on the lowest index.
 
 Shape legend: M micro-batches of a step, E experts, R ranks, G ranks per node, N nodes, P slots.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
-from itertools import chain, compress
-from operator import itemgetter
 
 import numpy as np
 
+from dora.moe.packing import LptPack, index_in_run, pack_windows, whole_quotas
 from dora.moe.plan import Plan, Topology
 
 
@@ -51,16 +52,18 @@ class BalancerConfig:
     """Move the excess of a node more than `min_shed` above the mean to replicas in other nodes
     (inter-node copies); False keeps every copy in its expert's node."""
     sweeps: int = 2
-    """Water-filling passes over the replicated experts' quotas per micro-batch."""
+    """Water-filling passes over the replicated experts' quotas in nodes packed by `LptPack`."""
     min_shed: float = 0.05
     """With `cross_node`, a node's excess is shed only when above this fraction of the mean node load:
     smaller excesses cost more in inter-node copies than they save (see the bench's cost model)."""
     sticky: float = 0.01
-    """Keep an expert on the rank it held in the previous micro-batch when that rank is within this
-    fraction of the node's mean rank load of the lightest choice (0 = always the lightest)."""
+    """In nodes packed by `LptPack`: keep an expert on the rank it held in the previous micro-batch
+    when that rank is within this fraction of the node's mean rank load of the lightest choice (0 =
+    always the lightest)."""
     move_cost_tokens: float = 0.0
-    """What one weight copy costs, in token slots of expert work (`cost_model.move_cost_tokens`); the
-    stickiness tolerance is at least this, so small micro-batches do not move experts for nothing."""
+    """What one weight copy costs, in token slots of expert work (`cost_model.move_cost_tokens`): the
+    previous layout is kept when the fresh plan's lower peak does not pay for the copies its busiest
+    rank receives, and `LptPack`'s stickiness tolerance is at least this."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.cross_node, bool):
@@ -210,287 +213,39 @@ def contiguous_plan(counts_E: np.ndarray, topo: Topology) -> Plan:
     return Plan(phys_to_log=phys_to_log, quota=quota, home=home, slots_per_rank=topo.slots_per_rank)
 
 
-class _NodePack:
-    """One node's packing for one micro-batch: pieces of its items (load, expert, preferred local
-    rank or G) on its ranks' slots. Loads are float token slots until `_whole_quotas` rounds them.
-
-    State lives in flat lists indexed by the node's local rank (0..G-1) and local slot (rank * S +
-    k): this runs once per node, micro-batch and layer, so per-piece Python overhead is the cost."""
-
-    __slots__ = ("G", "S", "amount", "avail", "item_at", "items", "level", "load", "r0", "slots_of", "used")
-
-    def __init__(self, items: list[tuple[float, int, int]], r0: int, G: int, S: int) -> None:
-        self.items, self.r0, self.G, self.S = items, r0, G, S
-        self.level = -(-sum(item[0] for item in items) // G)
-        self.load = [0.0] * G
-        self.used = [0] * G
-        # A rank's load while it has a free slot, inf once full; one more entry (inf) for "no rank".
-        self.avail = [0.0] * G + [float("inf")]
-        self.amount = [0.0] * (G * S)
-        self.item_at = [-1] * (G * S)
-        self.slots_of: list[list[int]] = [[] for _ in items]
-
-    def _new_slot(self, rank: int, i: int, amount: float) -> int:
-        slot = rank * self.S + self.used[rank]
-        self.used[rank] += 1
-        self.slots_of[i].append(slot)
-        self.amount[slot] = amount
-        self.item_at[slot] = i
-        return slot
-
-    def fill(self, tolerance: float) -> None:
-        """LPT with splitting: the heaviest remaining piece goes to the lightest rank (not holding
-        that expert yet); if it would lift the rank above the level and a slot stays free for the
-        rest, the rank takes exactly up to the level and the rest is queued as another replica. A
-        piece goes to its item's preferred rank (G = none) when that rank is within `tolerance`
-        token slots of the lightest.
-
-        Items arrive sorted; split-off rests wait in a heap and go before any lighter item. A fresh
-        item has no copy yet, so its rank is simply the lightest with a free slot (`avail`)."""
-        items, G, S, level = self.items, self.G, self.S, self.level
-        load, used, amount, avail = self.load, self.used, self.amount, self.avail
-        item_at, slots_of = self.item_at, self.slots_of
-        inf = float("inf")
-        # A split is allowed while a slot stays free for every item and rest still queued: `spare`
-        # counts the slots beyond one per item that are still free after the pieces placed so far.
-        spare = [G * S - len(items) - 1]
-        rests: list[tuple[float, int]] = []  # (-load, item) of split-off rests
-        for i, (x, _, p) in enumerate(items):
-            if rests and -rests[0][0] > x:
-                self._place_rests(rests, x, tolerance, spare)
-            best = min(avail)
-            rank = avail.index(best)
-            if p != rank and avail[p] <= best + tolerance:  # avail[G] is inf: no preference
-                rank, best = p, avail[p]
-            room = level - best
-            if x > room > 0 and spare[0] >= len(rests):
-                heapq.heappush(rests, (room - x, i))
-                x = room
-            k = used[rank]
-            assert k < S, "node packing ran out of slots"  # node budgets leave a slot per item
-            slot = rank * S + k
-            used[rank] = k + 1
-            slots_of[i].append(slot)
-            amount[slot] = x
-            item_at[slot] = i
-            load[rank] = best = best + x
-            avail[rank] = best if k + 1 < S else inf
-        if rests:
-            self._place_rests(rests, -inf, tolerance, spare)
-
-    def _place_rests(self, rests: list[tuple[float, int]], above: float, tolerance: float, spare: list[int]) -> None:
-        """`fill` for the queued rests heavier than `above` (`spare` as in `fill`, updated). A rest
-        avoids the ranks that already hold its item."""
-        G, S, level, items = self.G, self.S, self.level, self.items
-        load, used, amount, avail = self.load, self.used, self.amount, self.avail
-        item_at, slots_of = self.item_at, self.slots_of
-        inf = float("inf")
-        while rests and -rests[0][0] > above:
-            neg_x, i = heapq.heappop(rests)
-            x = -neg_x
-            mine = slots_of[i]
-            holds = {s // S for s in mine}
-            rank, best = -1, inf
-            for r in range(G):
-                if avail[r] < best and r not in holds:
-                    rank, best = r, avail[r]
-            p = items[i][2]
-            if p != rank and p < G and used[p] < S and p not in holds and load[p] <= best + tolerance:
-                rank, best = p, load[p]
-            if rank < 0:  # every rank with a free slot already holds this item: grow its largest copy
-                slot = max(mine, key=amount.__getitem__)
-                rank = slot // S
-                amount[slot] += x
-            else:
-                room = level - best
-                if x > room > 0 and spare[0] > len(rests):
-                    heapq.heappush(rests, (room - x, i))
-                    x = room
-                slot = rank * S + used[rank]
-                used[rank] += 1
-                mine.append(slot)
-                amount[slot] = x
-                item_at[slot] = i
-                spare[0] -= 1
-            load[rank] += x
-            avail[rank] = load[rank] if used[rank] < S else inf
-
-    def repair(self) -> None:
-        """Take load off ranks still above the level: into a free slot of a lighter rank (a new copy
-        of the loaded rank's largest piece), or, when only the loaded rank has free slots, by a swap:
-        a light rank's smallest piece moves to the loaded rank and its slot takes the new copy."""
-        G, S, level = self.G, self.S, self.level
-        load, used, amount, slots_of, item_at = self.load, self.used, self.amount, self.slots_of, self.item_at
-        for _ in range(G):
-            peak = max(load)
-            top = load.index(peak)  # the lowest rank on ties
-            excess = peak - level
-            if excess <= 0.5:
-                return
-            moved, top_full = False, used[top] >= S
-            # The top rank's pieces, largest first (lowest slot on ties), with the ranks holding a copy
-            # of their item: the first without a copy on `low` is the one to take from.
-            candidates: list[tuple[int, set[int]]] | None = None
-            for low in sorted((r for r in range(G) if load[r] < level), key=lambda r: (load[r], r)):
-                if top_full and used[low] >= S:  # neither a new copy nor a swap has a slot
-                    continue
-                if candidates is None:
-                    candidates = [(s, {t // S for t in slots_of[item_at[s]]})
-                                  for s in sorted(range(top * S, top * S + used[top]), key=lambda s: (-amount[s], s))]
-                src = next((s for s, ranks in candidates if low not in ranks), -1)
-                if src < 0:
-                    continue
-                i, move = item_at[src], min(excess, level - load[low])
-                if used[low] < S and amount[src] > 0:
-                    move = min(move, amount[src])
-                    self._new_slot(low, i, move)
-                    amount[src] -= move
-                elif used[top] < S:
-                    swappable = [t for t in range(low * S, low * S + used[low])
-                                 if item_at[t] != i and all(u // S != top for u in slots_of[item_at[t]])]
-                    if not swappable:
-                        continue
-                    slot = min(swappable, key=lambda t: (amount[t], t))
-                    j, small = item_at[slot], amount[slot]
-                    if amount[src] < small + move:
-                        continue
-                    new = top * S + used[top]  # j's piece moves to top ...
-                    used[top] += 1
-                    slots_of[j][slots_of[j].index(slot)] = new
-                    item_at[new], amount[new] = j, small
-                    slots_of[i].append(slot)  # ... and its slot on `low` takes i's new copy
-                    item_at[slot], amount[slot] = i, small + move
-                    amount[src] -= small + move
-                else:
-                    continue
-                load[top] -= move
-                load[low] += move
-                moved = True
-                break
-            if not moved:
-                return
-
-    def level_replicas(self, sweeps: int) -> None:
-        """Water-fill each replicated item's tokens over its copies' ranks (the other items held
-        fixed), heaviest first, for `sweeps` passes: the uneven quotas."""
-        S, load, amount, items = self.S, self.load, self.amount, self.items
-        multi = list(compress(zip(items, self.slots_of), map((1).__lt__, map(len, self.slots_of))))
-        for _ in range(sweeps if multi else 0):
-            for (total, _, _), slots in multi:
-                if len(slots) == 2:  # the common case, unrolled: the same arithmetic as below
-                    s0, s1 = slots
-                    b0, b1 = load[s0 // S] - amount[s0], load[s1 // S] - amount[s1]
-                    if b1 < b0 or (b1 == b0 and s1 < s0):
-                        s0, s1, b0, b1 = s1, s0, b1, b0
-                    fill = total + b0
-                    if fill > b1:
-                        fill = (total + (b0 + b1)) / 2
-                    amount[s0] = a0 = max(0.0, fill - b0)
-                    load[s0 // S] = b0 + a0
-                    amount[s1] = a1 = max(0.0, fill - b1)
-                    load[s1 // S] = b1 + a1
-                    continue
-                base = sorted((load[s // S] - amount[s], s) for s in slots)
-                acc, fill = 0.0, 0.0
-                for j, (b, _) in enumerate(base):
-                    acc += b
-                    fill = (total + acc) / (j + 1)
-                    if j + 1 == len(base) or fill <= base[j + 1][0]:
-                        break
-                for b, s in base:
-                    amount[s] = max(0.0, fill - b)
-                    load[s // S] = b + amount[s]
-
-    def pieces(self, local: list[int], amount_P: list[float], item_P: list[int]) -> int:
-        """Append the node's used local slots item by item (each item's copies in the order they
-        were made) to `local`, and every slot's token share and item (-1 = empty) to `amount_P` and
-        `item_P`; returns the number of pieces."""
-        before = len(local)
-        local.extend(chain.from_iterable(self.slots_of))
-        amount_P.extend(self.amount)
-        item_P.extend(self.item_at)
-        return len(local) - before
-
-
-def _whole_quotas(slot_k: np.ndarray, expert_k: np.ndarray, amount_k: np.ndarray, counts: np.ndarray,
-                  num_slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pieces -> (phys_to_log [P], quota [P]) in whole tokens: every copy gets the floor of its share
-    and each expert's largest copy the rest (the first listed on ties), so an expert's quotas sum
-    exactly to its count."""
-    whole_k = np.floor(amount_k + 1e-9).astype(np.int64)
-    rest_E = counts - np.bincount(expert_k, weights=whole_k, minlength=len(counts)).astype(np.int64)
-    order = np.lexsort((-amount_k, expert_k))
-    largest = order[np.searchsorted(expert_k[order], np.arange(len(counts)))]
-    whole_k[largest] += rest_E
-    phys_to_log = np.full(num_slots, -1, dtype=np.int64)
-    quota = np.zeros(num_slots, dtype=np.int64)
-    phys_to_log[slot_k] = expert_k
-    quota[slot_k] = whole_k
-    return phys_to_log, quota
-
-
 def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topology, *,
                     config: BalancerConfig | None = None, prev: Plan | None = None) -> Plan:
     """Replicas and token quotas of one layer for one micro-batch, inside the step's nodes.
 
-    `prev` (the layer's previous plan) makes the packing sticky: an expert stays on a rank it held
-    when that costs at most `config.sticky` of the node's mean rank load, which saves weight copies.
+    `prev` (the layer's previous plan) keeps copies in place: a piece on a rank that held its
+    expert keeps that slot, and nodes packed by `LptPack` prefer the ranks experts held.
     """
     config = config or BalancerConfig()
     counts = topo.check_counts(counts_E, "micro-batch counts")
     if counts.ndim != 1:
         raise ValueError(f"micro-batch counts must be [experts], got shape {list(counts.shape)}")
-    G, S, N = topo.ranks_per_node, topo.slots_per_rank, topo.num_nodes
+    E, S, N = topo.num_experts, topo.slots_per_rank, topo.num_nodes
     node_of = placement.node
-    if node_of.shape != (topo.num_experts,) or node_of.min() < 0 or node_of.max() >= N:
-        raise ValueError(f"placement.node must give each of {topo.num_experts} experts a node in [0, {N})")
-    # Per node, its items as (load, expert, preferred local rank), heaviest first (ties by expert
-    # id). The preferred rank is the one of the expert's home copy in the previous micro-batch, G
-    # when that is outside the node or there is none (sticky packing).
-    # One stable sort on (node, -count) keeps ties in expert order (counts <= total < 2**62 / N).
-    total = int(counts.sum())
-    order = np.argsort(node_of * (total + 1) - counts, kind="stable")
-    bounds = [0, *np.cumsum(np.bincount(node_of, minlength=N)).tolist()]
-    order_list = order.tolist()
-    if prev is None:
-        prefer, pref_sorted = None, [G] * len(order_list)
+    if node_of.shape != (E,) or node_of.min() < 0 or node_of.max() >= N:
+        raise ValueError(f"placement.node must give each of {E} experts a node in [0, {N})")
+    # Items k: an expert's token slots inside one node (each expert in its node, plus shed pieces).
+    node_k, expert_k, amount_k = node_of, np.arange(E), counts
+    if config.cross_node and N > 1:
+        total = int(counts.sum())
+        if np.bincount(node_of, weights=counts, minlength=N).max() - total / N > config.min_shed * total / N:
+            node_k, expert_k, amount_k = _shed_across_nodes(node_of, counts, topo, prev, config.min_shed)
+    rank_q, expert_q, amount_q, fits_N = pack_windows(node_k, expert_k, amount_k, topo)
+    if not fits_N.all():
+        rank_q, expert_q, amount_q = _pack_lpt(rank_q, expert_q, amount_q, fits_N, node_k, expert_k, amount_k,
+                                               topo, config, prev)
+    slot_q = _slots(rank_q, expert_q, prev, topo)
+    if amount_q.dtype.kind == "f":
+        phys_to_log, quota = whole_quotas(slot_q, expert_q, amount_q, counts, topo.num_slots)
     else:
-        prefer = (prev.home // S).tolist()
-        local_E = prev.home[order] // S - node_of[order] * G
-        pref_sorted = np.where((local_E >= 0) & (local_E < G), local_E, G).tolist()
-    sorted_items = list(zip(counts[order].astype(np.float64).tolist(), order_list, pref_sorted))
-    items_by_node = [sorted_items[bounds[n]:bounds[n + 1]] for n in range(N)]
-    node_load_N = np.bincount(node_of, weights=counts, minlength=N)
-    if config.cross_node and N > 1 and node_load_N.max() - total / N > config.min_shed * total / N:
-        prev_nodes: dict[int, set[int]] = {}
-        if prev is not None:
-            used = np.flatnonzero(prev.phys_to_log >= 0)
-            for slot, expert in zip(used.tolist(), prev.phys_to_log[used].tolist()):
-                if slot // S // G != node_of[expert]:
-                    prev_nodes.setdefault(expert, set()).add(slot // S // G)
-        shed = [[[int(load), expert] for load, expert, _ in items] for items in items_by_node]
-        _shed_across_nodes(shed, total, topo, prev_nodes, config.min_shed)
-        items_by_node = [[(float(load), expert, G if prefer is None or not 0 <= prefer[expert] - n * G < G
-                           else prefer[expert] - n * G) for load, expert in items] for n, items in enumerate(shed)]
-    local: list[int] = []
-    amount_P: list[float] = []
-    item_P: list[int] = []
-    expert_of_item: list[int] = []
-    pieces_N: list[int] = []
-    item_base_N: list[int] = []
-    for n, items in enumerate(items_by_node):
-        pack = _NodePack(items, n * G, G, S)
-        pack.fill(max(config.sticky * pack.level, config.move_cost_tokens))
-        pack.repair()
-        pack.level_replicas(config.sweeps)
-        pieces_N.append(pack.pieces(local, amount_P, item_P))
-        item_base_N.append(len(expert_of_item))
-        expert_of_item.extend(map(itemgetter(1), items))
-    # Pieces k in node order, item by item: global slot, expert and float share.
-    slot_k = np.asarray(local, dtype=np.int64) + np.repeat(np.arange(N) * (G * S), pieces_N)
-    item_of_slot_P = np.asarray(item_P, dtype=np.int64) + np.repeat(item_base_N, G * S)
-    expert_k = np.asarray(expert_of_item, dtype=np.int64)[item_of_slot_P[slot_k]]
-    phys_to_log, quota = _whole_quotas(slot_k, expert_k, np.asarray(amount_P)[slot_k], counts, topo.num_slots)
+        phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
+        phys_to_log[slot_q] = expert_q
+        quota = np.zeros(topo.num_slots, dtype=np.int64)
+        quota[slot_q] = amount_q
     fresh = Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
                  slots_per_rank=S)
     if prev is None or config.move_cost_tokens <= 0:
@@ -502,6 +257,52 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
                              minlength=topo.num_ranks)
     penalty = config.move_cost_tokens * float(new_copies.max(initial=0))
     return kept if kept.rank_load().max() <= fresh.rank_load().max() + penalty else fresh
+
+
+def _pack_lpt(rank_q: np.ndarray, expert_q: np.ndarray, amount_q: np.ndarray, fits_N: np.ndarray,
+              node_k: np.ndarray, expert_k: np.ndarray, amount_k: np.ndarray, topo: Topology,
+              config: BalancerConfig, prev: Plan | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window pieces of the nodes that fit, and `LptPack`'s (float token slots) for the others."""
+    G, S = topo.ranks_per_node, topo.slots_per_rank
+    keep = fits_N[rank_q // G]
+    ranks, experts, amounts = [rank_q[keep]], [expert_q[keep]], [amount_q[keep].astype(np.float64)]
+    for n in np.flatnonzero(~fits_N).tolist():
+        mine = np.flatnonzero(node_k == n)
+        mine = mine[np.lexsort((expert_k[mine], -amount_k[mine]))]  # heaviest first, ties by expert
+        prefer = np.full(len(mine), G)
+        if prev is not None:  # the local rank of the expert's previous home, G when outside the node
+            local = prev.home[expert_k[mine]] // S - n * G
+            prefer = np.where((local >= 0) & (local < G), local, G)
+        items = list(zip(amount_k[mine].astype(np.float64).tolist(), expert_k[mine].tolist(), prefer.tolist()))
+        pack = LptPack(items, n * G, G, S)
+        pack.fill(max(config.sticky * pack.level, config.move_cost_tokens))
+        pack.repair()
+        pack.level_replicas(config.sweeps)
+        local_rank, item, amount = pack.pieces()
+        ranks.append(n * G + np.asarray(local_rank, dtype=np.int64))
+        experts.append(expert_k[mine][np.asarray(item, dtype=np.int64)])
+        amounts.append(np.asarray(amount))
+    return np.concatenate(ranks), np.concatenate(experts), np.concatenate(amounts)
+
+
+def _slots(rank_q: np.ndarray, expert_q: np.ndarray, prev: Plan | None, topo: Topology) -> np.ndarray:
+    """Physical slot of every piece: the slot that held its expert on its rank in `prev` if there is
+    one (no weight copy), else the rank's free slots in order."""
+    S = topo.slots_per_rank
+    slot_q = np.full(len(rank_q), -1, dtype=np.int64)
+    if prev is not None:
+        held_QS = prev.phys_to_log.reshape(-1, S)[rank_q] == expert_q[:, None]
+        kept = held_QS.any(1)
+        slot_q[kept] = rank_q[kept] * S + held_QS[kept].argmax(1)
+    rest = np.flatnonzero(slot_q < 0)
+    if len(rest):
+        free = np.ones(topo.num_slots, dtype=bool)
+        free[slot_q[slot_q >= 0]] = False
+        free_slots = np.flatnonzero(free)
+        rest = rest[np.argsort(rank_q[rest], kind="stable")]
+        rank_r = rank_q[rest]
+        slot_q[rest] = free_slots[np.searchsorted(free_slots, rank_r * S) + index_in_run(rank_r)]
+    return slot_q
 
 
 def _rescale(prev: Plan, counts: np.ndarray) -> Plan:
@@ -520,14 +321,25 @@ def _rescale(prev: Plan, counts: np.ndarray) -> Plan:
                 slots_per_rank=prev.slots_per_rank)
 
 
-def _shed_across_nodes(items_by_node: list[list[list[int]]], total: int, topo: Topology,
-                       prev_nodes: dict[int, set[int]], min_excess: float) -> None:
+def _shed_across_nodes(node_of: np.ndarray, counts: np.ndarray, topo: Topology, prev: Plan | None,
+                       min_excess: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hand the excess of nodes above the global mean to nodes below it: a piece of an overloaded
     node's expert becomes an item (one replica) of the receiving node. An expert that already had a
     copy in an underloaded node in the previous micro-batch goes first, to that node (the copy is
     already there: no inter-node transfer); otherwise the heaviest expert goes to the lightest node.
-    Excess below `min_excess` of the mean node load is left alone (a transfer would cost more)."""
+    Excess below `min_excess` of the mean node load is left alone (a transfer would cost more).
+    Returns the items as (node, expert, token slots) arrays."""
     G, S, N = topo.ranks_per_node, topo.slots_per_rank, topo.num_nodes
+    prev_nodes: dict[int, set[int]] = {}  # expert -> the other nodes where `prev` had a copy of it
+    if prev is not None:
+        used = np.flatnonzero(prev.phys_to_log >= 0)
+        for slot, expert in zip(used.tolist(), prev.phys_to_log[used].tolist()):
+            if slot // S // G != node_of[expert]:
+                prev_nodes.setdefault(expert, set()).add(slot // S // G)
+    items_by_node: list[list[list[int]]] = [[] for _ in range(N)]
+    for expert, (node, count) in enumerate(zip(node_of.tolist(), counts.tolist())):
+        items_by_node[node].append([count, expert])
+    total = int(counts.sum())
     target = -(-total // N)
     load = [sum(item[0] for item in items) for items in items_by_node]
     for src in sorted(range(N), key=lambda n: (-load[n], n)):
@@ -555,8 +367,9 @@ def _shed_across_nodes(items_by_node: list[list[list[int]]], total: int, topo: T
                 items_by_node[dst].append([take, expert])
             load[src] -= take
             load[dst] += take
-    for items in items_by_node:
-        items.sort(key=lambda item: (-item[0], item[1]))
+    node_k = np.repeat(np.arange(N), [len(items) for items in items_by_node])
+    amount_k, expert_k = np.array([item for items in items_by_node for item in items], dtype=np.int64).T
+    return node_k, expert_k, amount_k
 
 
 def _homes(phys_to_log: np.ndarray, quota: np.ndarray, owner: np.ndarray, topo: Topology) -> np.ndarray:
