@@ -9,8 +9,12 @@ how long things take on the simulated hardware:
   sequence (compute-bound slope), reads the K and V of every context token, and pays a fixed
   per-step overhead for the tensor-parallel all-reduces (`DecodeCost`);
 - prefill is compute-bound: 2 * params * prompt tokens;
-- a train step costs 6 * params * trained tokens / (train accelerators * peak * MFU). The loss uses
-  the engines' behaviour log-probs, so there is no separate log-prob recomputation pass;
+- a train step costs (6 * params * trained tokens + causal attention) / (train accelerators * peak
+  * MFU), attention being 6 * layers * heads * head_dim * S^2 for a sequence of S tokens (forward and
+  backward over the S^2 / 2 query-key pairs; the FLOPs MFU counts, as in PaLM's appendix B). For
+  Qwen2.5-32B a 30K-token sequence's attention adds 30% to its dense FLOPs (15% on average over the
+  dora_paper lengths). The loss uses the engines' behaviour log-probs, so there is no separate
+  log-prob recomputation pass;
 - weight sync is bytes / bandwidth + latency: over NVLink inside the node when training and
   generation share the accelerators (colocated), over the nodes' network otherwise;
 - KV-cache capacity bounds the sequences an engine runs at once.
@@ -58,7 +62,10 @@ class DenseModel:
     name: str
     params: float
     num_layers: int
+    num_heads: int
+    """Query heads (attention FLOPs)."""
     num_kv_heads: int
+    """Key/value heads (KV-cache bytes)."""
     head_dim: int
     bytes_per_param: int = 2  # bf16 weights and KV cache
 
@@ -74,7 +81,7 @@ class DenseModel:
 QWEN25_32B = DenseModel(
     # Qwen2.5-32B (Qwen2.5 technical report, arXiv 2412.15115; config.json): 32.5B parameters,
     # 64 layers, GQA with 40 query heads and 8 KV heads of dimension 128.
-    name="Qwen2.5-32B", params=32.5e9, num_layers=64, num_kv_heads=8, head_dim=128,
+    name="Qwen2.5-32B", params=32.5e9, num_layers=64, num_heads=40, num_kv_heads=8, head_dim=128,
 )
 
 
@@ -142,9 +149,11 @@ class Cluster:
         seqs = min(self.eff.max_seqs_cap, int(self.kv_capacity_tokens(versions) / tokens_per_seq))
         return max(group_size, seqs - seqs % group_size)
 
-    def train_s(self, tokens: int, accelerators: int) -> float:
-        a, e = self.accelerator, self.eff
-        return 6 * self.model.params * tokens / (accelerators * a.bf16_flops * e.train_mfu)
+    def train_s(self, tokens: int, accelerators: int, tokens_sq: float = 0.0) -> float:
+        """A train step on `tokens` tokens whose sequences' squared lengths sum to `tokens_sq`."""
+        a, e, m = self.accelerator, self.eff, self.model
+        attention = 6 * m.num_layers * m.num_heads * m.head_dim * tokens_sq
+        return (6 * m.params * tokens + attention) / (accelerators * a.bf16_flops * e.train_mfu)
 
     def sync_s(self, colocated: bool) -> float:
         """Weight update of one engine: every engine receives in parallel (its own links)."""
@@ -236,8 +245,8 @@ class ClusterWorkload:
         assert self._cost is not None
         return self._cost
 
-    def step_time(self, step: int, tokens: int) -> float:
-        return self.cluster.train_s(tokens, self.arrangement.train_accelerators(self.cluster))
+    def step_time(self, step: int, tokens: int, tokens_sq: int) -> float:
+        return self.cluster.train_s(tokens, self.arrangement.train_accelerators(self.cluster), tokens_sq)
 
     def load_time(self, version: int) -> float:
         return self.cluster.sync_s(self.arrangement.colocated)

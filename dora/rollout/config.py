@@ -8,7 +8,7 @@ like with like on the same code:
 |-------------------|-------------------|---------------------|------------------------|
 | `multi_version`   | any >= 0 (def. 2) | 1..M (default 2)    | continuous, newest first |
 | `synchronous`     | 0                 | 1                   | continuous (= one wave) |
-| `one_step_off`    | any >= 0 (def. 1) | 1                   | whole-batch waves at publish |
+| `one_step_off`    | any >= 0 (def. 1) | 1, all engines switch once the wave in flight finished | whole-batch waves at publish |
 | `partial_rollout` | any >= 0 (def. 1) | 1, swapped under running sequences (labelled) | continuous |
 
 `max_staleness` and `max_live_versions` default to None, meaning "the mode's default"; a value that

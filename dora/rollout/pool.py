@@ -105,6 +105,10 @@ class RolloutPool:
         capacity = sum(e.max_seqs for e in self.engines) * (time - self.start_t)
         return sum(e.seq_s for e in self.engines) / capacity if capacity > 0 else 0.0
 
+    def runs_older_than(self, version: int) -> bool:
+        """Whether a sequence admitted on a version older than `version` still runs on some engine."""
+        return any(v < version for e in self.engines for v in e.running)
+
     def live_versions(self) -> tuple[int, ...]:
         return tuple(sorted({v for e in self.engines for v in e.live}))
 

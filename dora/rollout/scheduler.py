@@ -199,7 +199,11 @@ class Scheduler:
         if not self.config.waves and (self._requeued or not self._exhausted):
             queued[c.newest_version] = queued.get(c.newest_version, 0) + c.slack(c.newest_version) * self.n
         fill_older = self.config.fill_older_versions
-        actions += self.pool.rebalance(queued, lambda v: fill_older and c.can_admit(v))
+        # One-step-off as published (verl's one-step-off recipe, AReaL's baseline): the engines form one
+        # generation service whose weights are updated together once the wave in flight has finished.
+        # Moving drained engines to the new version one by one is DORA's rebalancing, not the baseline's.
+        if not (self.config.waves and self.pool.runs_older_than(c.newest_version)):
+            actions += self.pool.rebalance(queued, lambda v: fill_older and c.can_admit(v))
         self.metrics.note_live(time, self.pool.live_versions())
 
     def _admit(self, time: float, actions: list[Action]) -> None:

@@ -126,8 +126,10 @@ class SimWorkloadLike(Protocol):
 
     def decode_cost(self, engine_id: int) -> DecodeCost: ...
 
-    def step_time(self, step: int, tokens: int) -> float:
-        """Seconds train step `step` takes on a batch of `tokens` (prompt + response) tokens."""
+    def step_time(self, step: int, tokens: int, tokens_sq: int) -> float:
+        """Seconds train step `step` takes on a batch of `tokens` (prompt + response) tokens;
+        `tokens_sq` is the sum over the batch's sequences of their length squared (what causal
+        attention costs)."""
 
     def load_time(self, version: int) -> float:
         """Seconds from `LoadVersion` to the version being live on an engine (weight sync)."""
@@ -156,7 +158,7 @@ class SimWorkload:
     def decode_cost(self, engine_id: int) -> DecodeCost:
         return DecodeCost(overhead_s=1.0 / self.engine_speeds[engine_id % len(self.engine_speeds)])
 
-    def step_time(self, step: int, tokens: int = 0) -> float:
+    def step_time(self, step: int, tokens: int = 0, tokens_sq: int = 0) -> float:
         # Ints only: hashing a str would vary with PYTHONHASHSEED and break determinism.
         rng = random.Random(hash((self.seed, -1, step)))
         return self.step_time_s * (1.0 + self.step_jitter * rng.random())
@@ -428,9 +430,11 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
                     touched.add(a.engine_id)
             elif isinstance(a, StartStep):
                 batch = a.batch
-                tokens = sum(len(tr.prompt_ids) + lengths.pop((tr.group_id, tr.sample_idx))
-                             for g in batch.groups for tr in g)
-                steps.append(SimStep(batch.step, t, t + w.step_time(batch.step, tokens),
+                seq_lens = [len(tr.prompt_ids) + lengths.pop((tr.group_id, tr.sample_idx))
+                            for g in batch.groups for tr in g]
+                tokens = sum(seq_lens)
+                tokens_sq = sum(x * x for x in seq_lens)
+                steps.append(SimStep(batch.step, t, t + w.step_time(batch.step, tokens, tokens_sq),
                                      [g[0].prompt_id for g in batch.groups], [g[0].group_id for g in batch.groups],
                                      [g[0].version for g in batch.groups],
                                      [max(tr.max_version for tr in g) for g in batch.groups], tokens))

@@ -83,6 +83,13 @@ class Scenario:
         mean, second = _moments(self.lengths, self.group_size)
         return self.prompt_len + second / (2 * mean)
 
+    def trained_sq_per_token(self) -> float:
+        """E[S^2] / E[S] of trained sequences (S = prompt + response): a batch of `tokens` tokens has
+        squared lengths summing to `tokens` times this (the attention term of a train step)."""
+        mean, second = _moments(self.lengths, self.group_size)
+        p = self.prompt_len
+        return (p * p + 2 * p * mean + second) / (p + mean)
+
 
 @dataclass(slots=True)
 class ModeRun:
@@ -154,7 +161,7 @@ def balanced_split(scenario: Scenario, versions: int = 1) -> float:
     c = scenario.cluster
     seqs = c.max_seqs(versions, scenario.tokens_per_running_seq(), scenario.group_size)
     gen_per_engine = seqs / c.decode_cost().step_s(seqs, 1, seqs * scenario.tokens_per_running_seq())
-    train_per_accel = 1.0 / c.train_s(1, 1)
+    train_per_accel = 1.0 / c.train_s(1, 1, scenario.trained_sq_per_token())
     return c.num_accelerators * train_per_accel / (gen_per_engine + c.tp * train_per_accel)
 
 
@@ -171,7 +178,7 @@ def overlap_ceiling(scenario: Scenario) -> dict[str, float]:
     seqs = c.max_seqs(1, scenario.tokens_per_running_seq(), scenario.group_size)
     gen_per_engine = seqs / c.decode_cost().step_s(seqs, 1, seqs * scenario.tokens_per_running_seq())
     gen_s = samples * mean / (gen_per_engine * c.max_engines)
-    train_s = c.train_s(int(tokens), c.num_accelerators)
+    train_s = c.train_s(int(tokens), c.num_accelerators, tokens * scenario.trained_sq_per_token())
     return {"tokens_per_step": tokens, "gen_s": gen_s, "train_s": train_s,
             "overlap_ceiling_tokens_per_s": tokens / (gen_s + train_s)}
 
@@ -278,8 +285,8 @@ class CalibratedWorkload:
     def decode_cost(self, engine_id: int) -> DecodeCost:
         return self.cost
 
-    def step_time(self, step: int, tokens: int) -> float:
-        return self.train_s_per_token * tokens
+    def step_time(self, step: int, tokens: int, tokens_sq: int) -> float:
+        return self.train_s_per_token * tokens  # measured per token: attention is in the average
 
     def load_time(self, version: int) -> float:
         return self.sync_s

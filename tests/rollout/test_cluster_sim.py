@@ -35,7 +35,7 @@ class FixedWorkload:
     def decode_cost(self, engine_id):
         return self.cost
 
-    def step_time(self, step, tokens):
+    def step_time(self, step, tokens, tokens_sq):
         return self.train_s + self.train_s_per_token * tokens
 
     def load_time(self, version):
@@ -107,7 +107,7 @@ def test_k0_multi_version_equals_synchronous():
 
 # ---- a small cluster: settings move the output in the expected direction --------------------------
 
-SMALL_MODEL = DenseModel("dense-1B", params=1e9, num_layers=16, num_kv_heads=4, head_dim=64)
+SMALL_MODEL = DenseModel("dense-1B", params=1e9, num_layers=16, num_heads=16, num_kv_heads=4, head_dim=64)
 
 
 def small_scenario(num_accelerators=8, **kw):
@@ -181,6 +181,10 @@ def test_published_sizes_and_specs_give_the_expected_costs():
     cost = cluster.decode_cost()
     assert cost.weight_read_s == pytest.approx(65e9 / (8 * 3.35e12 * 0.8))
     assert cluster.train_s(10**6, 128) == pytest.approx(6 * 32.5e9 * 1e6 / (128 * 989.5e12 * 0.35))
+    # Causal attention: 6 * layers * query heads * head_dim FLOPs per squared token (64 * 40 * 128).
+    one_30k = cluster.train_s(30_000, 128, 30_000**2)
+    assert one_30k == pytest.approx((6 * 32.5e9 * 3e4 + 6 * 64 * 40 * 128 * 9e8) / (128 * 989.5e12 * 0.35))
+    assert one_30k / cluster.train_s(30_000, 128) == pytest.approx(1.30, abs=0.01)
     assert cluster.max_seqs(1, 7000, 16) % 16 == 0 and cluster.max_seqs(2, 7000, 16) < cluster.max_seqs(1, 7000, 16)
     with pytest.raises(ValueError, match="multiple of tp"):
         Cluster(H800, QWEN25_32B, 100, tp=8)
@@ -188,7 +192,7 @@ def test_published_sizes_and_specs_give_the_expected_costs():
     assert lengths.lengths(3, 16) == lengths.lengths(3, 16)
     assert max(x for p in range(200) for x in lengths.lengths(p, 16)) == 30_000
     w = ClusterWorkload(cluster, Arrangement(False, 10), lengths, num_prompts=4, prompt_len=256)
-    assert w.step_time(0, 10**6) == pytest.approx(cluster.train_s(10**6, 48))
+    assert w.step_time(0, 10**6, 10**9) == pytest.approx(cluster.train_s(10**6, 48, 10**9))
 
 
 def test_modes_come_from_the_rollout_yaml():
@@ -228,3 +232,45 @@ def test_calibrated_run_and_missing_keys(tmp_path):
     path.write_text(json.dumps({"modes": {}}))
     with pytest.raises(ValueError, match="'calibration'"):
         load_calibration(path)
+
+
+def test_decode_step_never_beats_the_weight_read_floor():
+    # A 32B dense model in bf16 on TP8 H800: each step reads the 65 GB of weights over 8 x 3.35 TB/s
+    # (at the stated HBM efficiency), whatever the batch; compute only takes over past ~220 sequences.
+    cluster = Cluster(H800, QWEN25_32B, 128, tp=8)
+    cost = cluster.decode_cost()
+    floor = QWEN25_32B.weight_bytes / (8 * H800.hbm_bytes_per_s * Efficiency().hbm)
+    assert floor == pytest.approx(3.03e-3, rel=0.01)
+    for batch in (1, 2, 16, 64, 200):
+        assert cost.step_s(batch, 1, 0) == pytest.approx(floor + cost.overhead_s)
+    assert cost.step_s(1, 1, 30_000) >= floor + 30_000 * QWEN25_32B.kv_bytes_per_token / (8 * H800.hbm_bytes_per_s)
+    assert cost.step_s(256, 1, 0) > floor + cost.overhead_s  # compute-bound
+
+
+def test_train_step_pays_attention_on_each_sequence():
+    # Two trajectories of 4 + 10 and 4 + 30 tokens: the workload sees 48 tokens and 14^2 + 34^2.
+    seen = []
+
+    class Recording(FixedWorkload):
+        def step_time(self, step, tokens, tokens_sq):
+            seen.append((tokens, tokens_sq))
+            return 1.0
+
+    w = Recording({(0, 0): 10, (0, 1): 30}, 1, DecodeCost(overhead_s=0.01))
+    simulate(sync_config(), w)
+    assert seen == [(48, 14 * 14 + 34 * 34)]
+
+
+def test_one_step_off_engines_switch_together_after_the_wave():
+    # Two engines, one group each, 1 s per token, train 1 s, instant loads. Wave 0 = prompt 0 (2 tokens,
+    # engine 0) and prompt 1 (10 tokens, engine 1). Step 0 trains prompt 0 at t=2..3 and publishes v1,
+    # which admits prompt 2. Engine 0 has been idle since t=2, but one-step-off updates all engines
+    # together once the wave in flight is done: prompt 2 starts at t=10, not t=3 (that would be DORA's
+    # per-engine rebalancing).
+    lengths = {(0, 0): 2, (0, 1): 2, (1, 0): 10, (1, 1): 10, (2, 0): 1, (2, 1): 1}
+    w = FixedWorkload(lengths, 3, DecodeCost(overhead_s=1.0), train_s=1.0, num_engines=2)
+    result = simulate(RolloutConfig(mode="one_step_off", batch_groups=1, group_size=2, max_seqs_per_engine=2), w)
+    starts = {prompt: t for t, _, prompt, _, _ in result.submits}
+    assert starts == {0: 0.0, 1: 0.0, 2: pytest.approx(10.0)}
+    assert [(s.start, s.end) for s in result.steps] == [(2.0, 3.0), (10.0, 11.0), (11.0, 12.0)]
+    assert max(len(v) for _, v in result.metrics.live_versions) == 1
