@@ -16,7 +16,7 @@ _SPEC.loader.exec_module(simulate_tool)
 
 def tiny(num_steps=5, warmup_steps=2):
     return Scenario(name="tiny", description="8 x 1-accelerator engines, 1B model",
-                    cluster=Cluster(H800, DenseModel("dense-1B", 1e9, 16, 4, 64), 8, tp=1,
+                    cluster=Cluster(H800, DenseModel("dense-1B", 1e9, 16, 16, 4, 64), 8, tp=1,
                                     eff=Efficiency(max_seqs_cap=32)),
                     lengths=LengthModel(300, 0.5, 0.7, 0.05, 4000), batch_groups=16, group_size=4, prompt_len=32,
                     num_steps=num_steps, warmup_steps=warmup_steps)
