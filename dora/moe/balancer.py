@@ -252,11 +252,13 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
         return fresh
     # Keeping the previous layout (no weight moves, each copy keeps its share of its expert) wins
     # when the fresh plan's lower peak does not pay for the copies its busiest receiver must take.
-    kept = _rescale(prev, counts)
+    kept_quota = _rescale(prev, counts)
     new_copies = np.bincount(np.flatnonzero((phys_to_log >= 0) & (phys_to_log != prev.phys_to_log)) // S,
                              minlength=topo.num_ranks)
     penalty = config.move_cost_tokens * float(new_copies.max(initial=0))
-    return kept if kept.rank_load().max() <= fresh.rank_load().max() + penalty else fresh
+    if kept_quota.reshape(-1, S).sum(1).max() > fresh.rank_load().max() + penalty:
+        return fresh
+    return Plan(phys_to_log=prev.phys_to_log.copy(), quota=kept_quota, home=prev.home.copy(), slots_per_rank=S)
 
 
 def _pack_lpt(rank_q: np.ndarray, expert_q: np.ndarray, amount_q: np.ndarray, fits_N: np.ndarray,
@@ -305,9 +307,9 @@ def _slots(rank_q: np.ndarray, expert_q: np.ndarray, prev: Plan | None, topo: To
     return slot_q
 
 
-def _rescale(prev: Plan, counts: np.ndarray) -> Plan:
-    """`prev`'s layout with each copy keeping its share of its expert's tokens, for new counts (an
-    expert that had no tokens splits evenly); the home takes the rounding remainder."""
+def _rescale(prev: Plan, counts: np.ndarray) -> np.ndarray:
+    """Quotas [P] for `prev`'s layout with each copy keeping its share of its expert's tokens, for
+    new counts (an expert that had no tokens splits evenly); the home takes the rounding remainder."""
     used = np.flatnonzero(prev.phys_to_log >= 0)
     experts = prev.phys_to_log[used]
     E = len(prev.home)
@@ -317,8 +319,7 @@ def _rescale(prev: Plan, counts: np.ndarray) -> Plan:
     quota = np.zeros_like(prev.quota)
     quota[used] = np.floor(share * counts[experts]).astype(np.int64)
     quota[prev.home] += counts - np.bincount(experts, weights=quota[used], minlength=E).astype(np.int64)
-    return Plan(phys_to_log=prev.phys_to_log.copy(), quota=quota, home=prev.home.copy(),
-                slots_per_rank=prev.slots_per_rank)
+    return quota
 
 
 def _shed_across_nodes(node_of: np.ndarray, counts: np.ndarray, topo: Topology, prev: Plan | None,
@@ -377,9 +378,9 @@ def _homes(phys_to_log: np.ndarray, quota: np.ndarray, owner: np.ndarray, topo: 
     E, S = topo.num_experts, topo.slots_per_rank
     used = np.flatnonzero(phys_to_log >= 0)
     experts = phys_to_log[used]
-    on_owner = (used // S) == owner[experts]
-    # Sort key: expert, then owner copies first, then larger quota, then slot.
-    order = np.lexsort((used, -quota[used], ~on_owner, experts))
+    # Sort key: expert, then owner copies first, then larger quota, then slot (the sort is stable).
+    score = ((used // S) == owner[experts]) * (int(quota.max(initial=0)) + 1) + quota[used]
+    order = np.lexsort((-score, experts))
     first = np.searchsorted(experts[order], np.arange(E))
     return used[order][first]
 
