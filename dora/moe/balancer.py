@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dora.moe.packing import LptPack, index_in_run, pack_windows, whole_quotas
+from dora.moe.packing import LptPack, index_in_run, pack_windows, whole_pieces
 from dora.moe.plan import Plan, Topology
 
 
@@ -239,13 +239,10 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
         rank_q, expert_q, amount_q = _pack_lpt(rank_q, expert_q, amount_q, fits_N, node_k, expert_k, amount_k,
                                                topo, config, prev)
     slot_q = _slots(rank_q, expert_q, prev, topo)
-    if amount_q.dtype.kind == "f":
-        phys_to_log, quota = whole_quotas(slot_q, expert_q, amount_q, counts, topo.num_slots)
-    else:
-        phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
-        phys_to_log[slot_q] = expert_q
-        quota = np.zeros(topo.num_slots, dtype=np.int64)
-        quota[slot_q] = amount_q
+    phys_to_log = np.full(topo.num_slots, -1, dtype=np.int64)
+    phys_to_log[slot_q] = expert_q
+    quota = np.zeros(topo.num_slots, dtype=np.int64)
+    quota[slot_q] = amount_q
     fresh = Plan(phys_to_log=phys_to_log, quota=quota, home=_homes(phys_to_log, quota, placement.owner, topo),
                  slots_per_rank=S)
     if prev is None or config.move_cost_tokens <= 0:
@@ -264,27 +261,37 @@ def plan_microbatch(counts_E: np.ndarray, placement: StepPlacement, topo: Topolo
 def _pack_lpt(rank_q: np.ndarray, expert_q: np.ndarray, amount_q: np.ndarray, fits_N: np.ndarray,
               node_k: np.ndarray, expert_k: np.ndarray, amount_k: np.ndarray, topo: Topology,
               config: BalancerConfig, prev: Plan | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window pieces of the nodes that fit, and `LptPack`'s (float token slots) for the others."""
+    """The window pieces of the nodes that fit, and `LptPack`'s (rounded to whole token slots) for
+    the others."""
     G, S = topo.ranks_per_node, topo.slots_per_rank
     keep = fits_N[rank_q // G]
-    ranks, experts, amounts = [rank_q[keep]], [expert_q[keep]], [amount_q[keep].astype(np.float64)]
-    for n in np.flatnonzero(~fits_N).tolist():
-        mine = np.flatnonzero(node_k == n)
-        mine = mine[np.lexsort((expert_k[mine], -amount_k[mine]))]  # heaviest first, ties by expert
-        prefer = np.full(len(mine), G)
-        if prev is not None:  # the local rank of the expert's previous home, G when outside the node
-            local = prev.home[expert_k[mine]] // S - n * G
-            prefer = np.where((local >= 0) & (local < G), local, G)
-        items = list(zip(amount_k[mine].astype(np.float64).tolist(), expert_k[mine].tolist(), prefer.tolist()))
-        pack = LptPack(items, n * G, G, S)
+    # The other nodes' items, per node heaviest first (ties by expert).
+    mine = np.flatnonzero(~fits_N[node_k])
+    mine = mine[np.lexsort((expert_k[mine], -amount_k[mine], node_k[mine]))]
+    prefer = np.full(len(mine), G)
+    if prev is not None:  # the local rank of the expert's previous home, G when outside its node
+        local = prev.home[expert_k[mine]] // S - node_k[mine] * G
+        prefer = np.where((local >= 0) & (local < G), local, G)
+    items = list(zip(amount_k[mine].astype(np.float64).tolist(), expert_k[mine].tolist(), prefer.tolist()))
+    bounds = np.searchsorted(node_k[mine], np.flatnonzero(~fits_N), side="right").tolist()
+    ranks: list[int] = []
+    item_of: list[int] = []
+    amounts: list[float] = []
+    start = 0
+    for n, end in zip(np.flatnonzero(~fits_N).tolist(), bounds):
+        pack = LptPack(items[start:end], n * G, G, S)
         pack.fill(max(config.sticky * pack.level, config.move_cost_tokens))
         pack.repair()
         pack.level_replicas(config.sweeps)
-        local_rank, item, amount = pack.pieces()
-        ranks.append(n * G + np.asarray(local_rank, dtype=np.int64))
-        experts.append(expert_k[mine][np.asarray(item, dtype=np.int64)])
-        amounts.append(np.asarray(amount))
-    return np.concatenate(ranks), np.concatenate(experts), np.concatenate(amounts)
+        first = len(item_of)
+        pack.pieces(ranks, item_of, amounts)
+        item_of[first:] = [start + i for i in item_of[first:]]
+        start = end
+    lpt_experts = expert_k[mine][np.asarray(item_of, dtype=np.int64)]
+    total_E = np.bincount(expert_k[mine], weights=amount_k[mine], minlength=topo.num_experts).astype(np.int64)
+    lpt_amounts = whole_pieces(lpt_experts, np.asarray(amounts), total_E)
+    return (np.concatenate((rank_q[keep], np.asarray(ranks, dtype=np.int64))),
+            np.concatenate((expert_q[keep], lpt_experts)), np.concatenate((amount_q[keep], lpt_amounts)))
 
 
 def _slots(rank_q: np.ndarray, expert_q: np.ndarray, prev: Plan | None, topo: Topology) -> np.ndarray:

@@ -136,7 +136,7 @@ def pack_windows(node_k: np.ndarray, expert_k: np.ndarray, amount_k: np.ndarray,
 
 class LptPack:
     """One node's packing for one micro-batch: pieces of its items (load, expert, preferred local
-    rank or G) on its ranks' slots. Loads are float token slots until `whole_quotas` rounds them.
+    rank or G) on its ranks' slots. Loads are float token slots until `whole_pieces` rounds them.
 
     State lives in flat lists indexed by the node's local rank (0..G-1) and local slot (rank * S +
     k): this runs once per node, micro-batch and layer, so per-piece Python overhead is the cost."""
@@ -325,24 +325,24 @@ class LptPack:
                     amount[s] = max(0.0, fill - b)
                     load[s // S] = b + amount[s]
 
-    def pieces(self) -> tuple[list[int], list[int], list[float]]:
-        """The used slots as (local rank, item, float token slots) lists."""
-        used = [s for s, i in enumerate(self.item_at) if i >= 0]
-        return [s // self.S for s in used], [self.item_at[s] for s in used], [self.amount[s] for s in used]
+    def pieces(self, ranks: list[int], items: list[int], amounts: list[float]) -> None:
+        """Append the pieces (rank r0 + local rank, item, float token slots), item by item."""
+        S, r0, amount = self.S, self.r0, self.amount
+        for i, slots in enumerate(self.slots_of):
+            for slot in slots:
+                ranks.append(r0 + slot // S)
+                items.append(i)
+                amounts.append(amount[slot])
 
 
-def whole_quotas(slot_k: np.ndarray, expert_k: np.ndarray, amount_k: np.ndarray, counts: np.ndarray,
-                 num_slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pieces -> (phys_to_log [P], quota [P]) in whole tokens: every copy gets the floor of its share
-    and each expert's largest copy the rest (the first listed on ties), so an expert's quotas sum
-    exactly to its count."""
-    whole_k = np.floor(amount_k + 1e-9).astype(np.int64)
-    rest_E = counts - np.bincount(expert_k, weights=whole_k, minlength=len(counts)).astype(np.int64)
-    order = np.lexsort((-amount_k, expert_k))
-    largest = order[np.searchsorted(expert_k[order], np.arange(len(counts)))]
-    whole_k[largest] += rest_E
-    phys_to_log = np.full(num_slots, -1, dtype=np.int64)
-    quota = np.zeros(num_slots, dtype=np.int64)
-    phys_to_log[slot_k] = expert_k
-    quota[slot_k] = whole_k
-    return phys_to_log, quota
+def whole_pieces(expert_q: np.ndarray, amount_q: np.ndarray, total_E: np.ndarray) -> np.ndarray:
+    """Float token slots of pieces -> int64, each expert's pieces summing exactly to `total_E`: every
+    piece gets the floor of its share and each expert's largest piece the rest (the first listed on
+    ties)."""
+    whole_q = np.floor(amount_q + 1e-9).astype(np.int64)
+    order = np.lexsort((-amount_q, expert_q))
+    sorted_experts = expert_q[order]
+    largest = order[np.flatnonzero(np.concatenate(([True], sorted_experts[1:] != sorted_experts[:-1])))]
+    floors_E = np.bincount(expert_q, weights=whole_q, minlength=len(total_E)).astype(np.int64)
+    whole_q[largest] += total_E[expert_q[largest]] - floors_E[expert_q[largest]]
+    return whole_q
