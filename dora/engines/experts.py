@@ -30,6 +30,8 @@ I expert width, F = 2I.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -48,65 +50,87 @@ def grouped_supported(x_ND: torch.Tensor, gate_up_EDF: torch.Tensor, down_EID: t
                for t in (gate_up_EDF, down_EID))
 
 
-def _sort_by_expert(ids_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (slot order grouped by expert (stable, token order inside), token of each sorted slot, flat ids)."""
-    flat_ids = ids_NK.reshape(-1)
-    order_n = torch.argsort(flat_ids, stable=True)
-    return order_n, order_n // ids_NK.shape[1], flat_ids
+@functools.cache
+def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(num_experts, device=device)
+
+
+class _SlotOrder:
+    """Token slots (token n, choice k; flat index n * K + k) grouped by expert: a stable sort of the
+    ids, so slots keep token order inside an expert."""
+
+    __slots__ = ("order_n", "token_n", "ends_E")
+
+    def __init__(self, ids_NK: torch.Tensor, num_experts: int) -> None:
+        sorted_ids_n, self.order_n = torch.sort(ids_NK.reshape(-1), stable=True)
+        self.token_n = self.order_n // ids_NK.shape[1]
+        self.ends_E = torch.searchsorted(sorted_ids_n, _expert_ids(num_experts, ids_NK.device), right=True,
+                                         out_int32=True)
+        """int32: end of each expert's slots in the sorted order (grouped_mm's offsets)."""
+
+    def counts(self) -> torch.Tensor:
+        return torch.diff(self.ends_E, prepend=self.ends_E.new_zeros(1)).long()
+
+    def combine(self, y_nD: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Expert outputs in sorted slot order -> y [N, D] = sum_k weights[n, k] * output of slot (n, k):
+        one gather back to slot order (by the inverse permutation), then each token's weighted sum as
+        a [1, K] x [K, D] product (one batched matmul instead of a zero fill, a scale and a scatter-add;
+        equal to the reference up to float rounding)."""
+        N, K = weights_NK.shape
+        y_NKD = y_nD.index_select(0, torch.argsort(self.order_n)).view(N, K, -1)
+        return torch.bmm(weights_NK.to(y_nD.dtype).unsqueeze(1), y_NKD).squeeze(1)
+
+
+def _swiglu_(gate_up_nF: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up computed in place in the gate half of the [n, 2I] matmul output (no new buffer;
+    the strided result feeds the next matmul directly)."""
+    gate_nI, up_nI = gate_up_nF.chunk(2, dim=-1)
+    return F.silu(gate_nI, inplace=True).mul_(up_nI)
 
 
 def grouped_moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor,
                         gate_up_EDF: torch.Tensor, down_EID: torch.Tensor) -> torch.Tensor:
-    order_n, token_n, flat_ids = _sort_by_expert(ids_NK)
-    offsets_E = torch.bincount(flat_ids, minlength=gate_up_EDF.shape[0]).cumsum(0).to(torch.int32)
-    x_nD = x_ND.index_select(0, token_n)
-    gate_nI, up_nI = torch._grouped_mm(x_nD, gate_up_EDF, offs=offsets_E).chunk(2, dim=-1)
-    y_nD = torch._grouped_mm(F.silu(gate_nI) * up_nI, down_EID, offs=offsets_E)
-    y_nD = y_nD * weights_NK.reshape(-1)[order_n].to(x_ND.dtype)[:, None]
-    return torch.zeros_like(x_ND).index_add_(0, token_n, y_nD)
+    slots = _SlotOrder(ids_NK, gate_up_EDF.shape[0])
+    x_nD = x_ND.index_select(0, slots.token_n)
+    h_nI = _swiglu_(torch._grouped_mm(x_nD, gate_up_EDF, offs=slots.ends_E))
+    return slots.combine(torch._grouped_mm(h_nI, down_EID, offs=slots.ends_E), weights_NK)
 
 
 def loop_moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor,
                      gate_up_EDF: torch.Tensor, down_EID: torch.Tensor) -> torch.Tensor:
-    order_n, token_n, flat_ids = _sort_by_expert(ids_NK)
-    counts = torch.bincount(flat_ids, minlength=gate_up_EDF.shape[0]).tolist()
-    x_nD = x_ND.index_select(0, token_n)
+    slots = _SlotOrder(ids_NK, gate_up_EDF.shape[0])
+    x_nD = x_ND.index_select(0, slots.token_n)
     y_nD = torch.empty_like(x_nD)
     start = 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(slots.counts().tolist()):
         if count:
             end = start + count
-            gate_cI, up_cI = torch.mm(x_nD[start:end], gate_up_EDF[expert]).chunk(2, dim=-1)
-            torch.mm(F.silu(gate_cI) * up_cI, down_EID[expert], out=y_nD[start:end])
+            h_cI = _swiglu_(torch.mm(x_nD[start:end], gate_up_EDF[expert]))
+            torch.mm(h_cI, down_EID[expert], out=y_nD[start:end])
             start = end
-    y_nD = y_nD * weights_NK.reshape(-1)[order_n].to(x_ND.dtype)[:, None]
-    return torch.zeros_like(x_ND).index_add_(0, token_n, y_nD)
+    return slots.combine(y_nD, weights_NK)
 
 
 def padded_moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor,
                        gate_up_EDF: torch.Tensor, down_EID: torch.Tensor) -> torch.Tensor:
     """Token slots gathered into an [E, C, D] block (C = the busiest expert's count) so each projection
     is one `torch.bmm`, which torch splits over experts across threads."""
-    N, K = ids_NK.shape
     E, D = gate_up_EDF.shape[0], x_ND.shape[1]
-    order_n, token_n, flat_ids = _sort_by_expert(ids_NK)
-    counts_E = torch.bincount(flat_ids, minlength=E)
+    slots = _SlotOrder(ids_NK, E)
+    counts_E = slots.counts()
+    num_slots = slots.order_n.shape[0]
     capacity = int(counts_E.max())
     first_E = counts_E.cumsum(0) - counts_E
-    # Row e * C + j holds expert e's j-th sorted slot; padding rows repeat token 0 (finite values,
-    # computed and never read back), so the block is one gather with no zero fill.
+    # Row e * C + j holds expert e's j-th sorted slot; padding rows repeat another slot's token
+    # (finite values, computed and never read back), so the block is one gather with no zero fill.
     j_C = torch.arange(capacity, device=x_ND.device)
-    sorted_EC = (first_E[:, None] + j_C).clamp_(max=order_n.shape[0] - 1)
-    src_EC = torch.where(j_C < counts_E[:, None], token_n[sorted_EC], 0)
-    x_ECD = x_ND.index_select(0, src_EC.view(-1)).view(E, capacity, D)
-    sorted_ids_n = flat_ids[order_n]
-    dest_sorted_n = sorted_ids_n * capacity + torch.arange(order_n.shape[0], device=x_ND.device) - first_E[sorted_ids_n]
-    gate_ECI, up_ECI = torch.bmm(x_ECD, gate_up_EDF).chunk(2, dim=-1)
-    y_ECD = torch.bmm(F.silu(gate_ECI) * up_ECI, down_EID).view(E * capacity, D)
-    # Back in slot order (token n, choice k), then the K choices of a token summed in order.
-    dest_n = torch.empty_like(dest_sorted_n).index_copy_(0, order_n, dest_sorted_n)
-    y_NKD = y_ECD.index_select(0, dest_n).view(N, K, D)
-    return (y_NKD * weights_NK.to(x_ND.dtype)[:, :, None]).sum(1)
+    sorted_EC = (first_E[:, None] + j_C).clamp_(max=num_slots - 1)
+    x_ECD = x_ND.index_select(0, slots.token_n[sorted_EC].view(-1)).view(E, capacity, D)
+    y_ECD = torch.bmm(_swiglu_(torch.bmm(x_ECD, gate_up_EDF)), down_EID)
+    # Sorted slot i of expert e (its j-th) is block row e * C + j.
+    expert_n = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=num_slots)
+    block_row_n = expert_n * capacity + torch.arange(num_slots, device=x_ND.device) - first_E[expert_n]
+    return slots.combine(y_ECD.view(E * capacity, D).index_select(0, block_row_n), weights_NK)
 
 
 def moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor,

@@ -9,7 +9,7 @@ positions, so a step never allocates cache memory. Slots are handed out lowest-f
 the running slots packed at the front: decode attention reads `k[:num_slots_in_use, :max_len]` as a
 view, with no gather.
 
-Shape legend: L layers, S slots, M max_model_len positions, G key/value heads, Dh head dim,
+Shape legend: L layers, S slots, M max_model_len positions, G key/value heads, C = 2G, Dh head dim,
 Lm MoE layers, K experts per token.
 """
 
@@ -28,9 +28,14 @@ class SlotCache:
                  device: torch.device) -> None:
         self.num_slots = num_slots
         self.max_len = max_len
-        kv_shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
-        self.k_LSMGD = torch.zeros(kv_shape, dtype=dtype, device=device)
-        self.v_LSMGD = torch.zeros(kv_shape, dtype=dtype, device=device)
+        G = num_kv_heads
+        self.kv_LSMCD = torch.zeros(num_layers, num_slots, max_len, 2 * G, head_dim, dtype=dtype, device=device)
+        """Keys (channels [0, G)) then values ([G, 2G)) of every (layer, slot, position): a token's keys
+        and values are one row, written by one index_copy."""
+        self.keys_SMGD = [self.kv_LSMCD[i, :, :, :G] for i in range(num_layers)]
+        """Per layer, views of the keys and of the values (precomputed: they are read every step)."""
+        self.values_SMGD = [self.kv_LSMCD[i, :, :, G:] for i in range(num_layers)]
+        self._kv_rows = [self.kv_LSMCD[i].view(num_slots * max_len, 2 * G, head_dim) for i in range(num_layers)]
         self.tokens_SM = torch.zeros(num_slots, max_len, dtype=torch.long, device=device)
         """Prompt then response token ids of each slot's sequence."""
         self.logprobs_SM = torch.zeros(num_slots, max_len, dtype=torch.float32, device=device)
@@ -41,7 +46,7 @@ class SlotCache:
 
     @property
     def num_bytes(self) -> int:
-        tensors = [self.k_LSMGD, self.v_LSMGD, self.tokens_SM, self.logprobs_SM]
+        tensors = [self.kv_LSMCD, self.tokens_SM, self.logprobs_SM]
         if self.routing_SMLK is not None:
             tensors.append(self.routing_SMLK)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -50,9 +55,9 @@ class SlotCache:
         """Row of (slot, position) in the caches viewed as [S * M, ...]."""
         return slot_N * self.max_len + pos_N
 
-    def write_kv(self, layer: int, flat_N: torch.Tensor, k_NGD: torch.Tensor, v_NGD: torch.Tensor) -> None:
-        self.k_LSMGD[layer].view(-1, *k_NGD.shape[1:]).index_copy_(0, flat_N, k_NGD)
-        self.v_LSMGD[layer].view(-1, *v_NGD.shape[1:]).index_copy_(0, flat_N, v_NGD)
+    def write_kv(self, layer: int, flat_N: torch.Tensor, kv_NCD: torch.Tensor) -> None:
+        """Keys then values [N, 2G, Dh] of the fed tokens, at their flat (slot, position) rows."""
+        self._kv_rows[layer].index_copy_(0, flat_N, kv_NCD)
 
     def write_routing(self, flat_N: torch.Tensor, ids_NLK: torch.Tensor) -> None:
         assert self.routing_SMLK is not None
@@ -63,8 +68,7 @@ class SlotCache:
         if not dst_slots:
             return
         dst = torch.tensor(dst_slots, dtype=torch.long, device=self.tokens_SM.device)
-        for cache in (self.k_LSMGD, self.v_LSMGD):
-            cache[:, dst, :length] = cache[:, src_slot:src_slot + 1, :length]
+        self.kv_LSMCD[:, dst, :length] = self.kv_LSMCD[:, src_slot:src_slot + 1, :length]
         self.tokens_SM[dst, :length] = self.tokens_SM[src_slot, :length]
         if self.routing_SMLK is not None:
             self.routing_SMLK[dst, :length] = self.routing_SMLK[src_slot, :length]

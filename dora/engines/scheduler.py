@@ -24,6 +24,7 @@ import collections
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dora.engines.kv_cache import SlotAllocator, SlotCache
@@ -76,19 +77,30 @@ class StepPlan:
     num_fed: int
 
 
-def _split_long(seqs: list[SeqState], num_slots: int) -> tuple[int, list[SeqState]]:
+def _ints(values: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """int64 tensor of a host list: through numpy, ~3x cheaper than torch.tensor(list) per step."""
+    t = torch.from_numpy(np.asarray(values, dtype=np.int64))
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(values, dtype=np.float32))
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _split_long(lengths: np.ndarray, num_slots: int) -> int:
     """Decode attention reads keys [0, Lk) of every slot in the view, so one long sequence would make
     all slots read its length. Pick Lk minimising the keys read: slots longer than Lk are served by a
-    second attention call over their own (gathered, so counted twice) keys. -> (Lk, long sequences)."""
-    lengths = sorted(s.length for s in seqs)
-    longest = lengths[-1]
-    best_keys, best_cost = longest, num_slots * longest
-    for j, keys in enumerate(lengths[:-1]):
-        num_long = len(lengths) - j - 1
-        cost = num_slots * keys + 2 * num_long * longest
-        if cost < best_cost and lengths[j + 1] > keys:
-            best_keys, best_cost = keys, cost
-    return best_keys, [s for s in seqs if s.length > best_keys]
+    second attention call over their own (gathered, so counted twice) keys. -> Lk (the shortest of the
+    cheapest; the longest length when no split pays)."""
+    by_length = np.sort(lengths)
+    longest = int(by_length[-1])
+    keys = by_length[:-1]
+    num_long = np.arange(keys.shape[0], 0, -1)  # sequences longer than keys[j] if it is a cut
+    cost = np.where(by_length[1:] > keys, num_slots * keys + 2 * num_long * longest, np.iinfo(np.int64).max)
+    if not cost.shape[0] or cost.min() >= num_slots * longest:
+        return longest
+    return int(keys[int(np.argmin(cost))])
 
 
 class Scheduler:
@@ -96,13 +108,18 @@ class Scheduler:
                  dtype: torch.dtype) -> None:
         self.cache = cache
         self.dtype = dtype
+        M = cache.max_len
+        # Row p of the length masks is windows[M - 1 - p]: 0 for keys 0..p, -inf after (see _length_mask).
+        steps = torch.cat([torch.zeros(M, dtype=dtype, device=device), torch.full((M,), float("-inf"), dtype=dtype,
+                                                                                   device=device)])
+        self._mask_windows_WM = steps.unfold(0, M, 1)
         self.slots = SlotAllocator(cache.num_slots)
         self.budget = max_num_batched_tokens
         self.device = device
         self.waiting: collections.deque[GroupState] = collections.deque()
         self.prefilling: list[GroupState] = []
         self.decoding: dict[int, list[SeqState]] = {}
-        """version -> sequences producing tokens."""
+        """version -> sequences producing tokens, in slot order."""
 
     # ------------------------------------------------------------------ queries
 
@@ -157,12 +174,12 @@ class Scheduler:
         prefill_progress: list[tuple[GroupState, int]] = []
         for j, version in enumerate(live.versions):
             start, sample_start = len(flat), len(sample_rows)
-            for s in sorted(self.decoding.get(version, ()), key=lambda s: s.slot):
-                dec_rows.append(len(flat))
-                dec_seqs.append(s)
-                sample_rows.append(len(flat))
-                sampled.append(s)
-                flat.append(s.slot * M + s.length - 1)
+            decoding = self.decoding.get(version, ())  # kept in slot order
+            dec_rows.extend(range(start, start + len(decoding)))
+            sample_rows.extend(range(start, start + len(decoding)))
+            dec_seqs.extend(decoding)
+            sampled.extend(decoding)
+            flat.extend([s.slot * M + s.length - 1 for s in decoding])
             for g, size in chunks.get(version, ()):
                 slot = g.seqs[0].slot
                 pre_chunks.append((len(flat), size, slot, g.prefilled))
@@ -178,8 +195,9 @@ class Scheduler:
                 sample_segments.append((j, sample_start, len(sample_rows)))
 
         dev = self.device
-        flat_N = torch.tensor(flat, dtype=torch.long, device=dev)
-        pos_N = flat_N % M
+        flat_np = np.array(flat, dtype=np.int64)
+        flat_N = _ints(flat_np, dev)
+        pos_N = _ints(flat_np % M, dev)
         vidx_N = None
         if len(segments) > 1:
             vidx_N = torch.cat([torch.full((b - a,), j, dtype=torch.long, device=dev) for j, a, b in segments])
@@ -188,40 +206,37 @@ class Scheduler:
             segments=segments, vidx_N=vidx_N,
             decode=self._decode_layout(dec_rows, dec_seqs) if dec_rows else None,
             prefill=self._prefill_layout(pre_chunks) if pre_chunks else None,
-            sample_rows_R=torch.tensor(sample_rows, dtype=torch.long, device=dev),
-            sample_segments=sample_segments)
+            sample_rows_R=_ints(sample_rows, dev), sample_segments=sample_segments)
         new_flat = [s.slot * M + s.length for s in sampled]
         return StepPlan(inputs=inputs, sampling=self._sampling_batch(sampled), sampled=sampled,
-                        new_flat_R=torch.tensor(new_flat, dtype=torch.long, device=dev),
+                        new_flat_R=_ints(new_flat, dev),
                         prefill_done=prefill_done, prefill_progress=prefill_progress, num_fed=len(flat))
 
     def _decode_layout(self, rows: list[int], seqs: list[SeqState]) -> DecodeLayout:
-        slots = [s.slot for s in seqs]
-        num_slots = max(slots) + 1
-        identity = num_slots == len(slots) and rows[-1] == len(rows) - 1 and slots == list(range(num_slots))
-        num_keys, long_seqs = _split_long(seqs, num_slots)
-        pos_S = [0] * num_slots  # slots without a decode row (or served by the long call) see key 0
-        for s in seqs:
-            if s.length <= num_keys:
-                pos_S[s.slot] = s.length - 1
+        slots_B = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=len(seqs))
+        lengths_B = np.fromiter((s.length for s in seqs), dtype=np.int64, count=len(seqs))
+        num_slots = int(slots_B.max()) + 1
+        identity = (num_slots == len(seqs) and rows[-1] == len(rows) - 1
+                    and bool((slots_B == np.arange(num_slots)).all()))
+        num_keys = _split_long(lengths_B, num_slots)
+        is_long_B = lengths_B > num_keys
+        pos_S = np.zeros(num_slots, dtype=np.int64)  # slots without a decode row (or served by the long call) see key 0
+        pos_S[slots_B[~is_long_B]] = lengths_B[~is_long_B] - 1
         dev = self.device
         long_slots = long_mask = None
-        if long_seqs:
-            long_slots = torch.tensor([s.slot for s in long_seqs], dtype=torch.long, device=dev)
-            long_mask = self._length_mask([s.length - 1 for s in long_seqs])
-        return DecodeLayout(rows_B=torch.tensor(rows, dtype=torch.long, device=dev),
-                            slots_B=torch.tensor(slots, dtype=torch.long, device=dev),
+        if is_long_B.any():
+            long_slots = _ints(slots_B[is_long_B], dev)
+            long_mask = self._length_mask(lengths_B[is_long_B] - 1)
+        return DecodeLayout(rows_B=_ints(rows, dev), slots_B=_ints(slots_B, dev),
                             num_slots=num_slots, mask_S11Lk=self._length_mask(pos_S), identity=identity,
                             long_slots_b=long_slots, long_mask_b11Lk=long_mask)
 
-    def _length_mask(self, last_pos: list[int]) -> torch.Tensor:
+    def _length_mask(self, last_pos: list[int] | np.ndarray) -> torch.Tensor:
         """Additive mask [len, 1, 1, max + 1] letting row r see keys 0..last_pos[r]. Additive rather
         than boolean: SDPA's CPU kernel takes it as is (a boolean mask gets converted)."""
-        dev = self.device
-        pos_S1 = torch.tensor(last_pos, dtype=torch.long, device=dev)[:, None]
-        hidden_SL = torch.arange(max(last_pos) + 1, device=dev)[None, :] > pos_S1
-        mask = torch.zeros(hidden_SL.shape, dtype=self.dtype, device=dev).masked_fill_(hidden_SL, float("-inf"))
-        return mask[:, None, None, :]
+        pos_S = np.asarray(last_pos, dtype=np.int64)
+        rows_S = _ints(self.cache.max_len - 1 - pos_S, self.device)
+        return self._mask_windows_WM[:, :int(pos_S.max()) + 1].index_select(0, rows_S)[:, None, None, :]
 
     def _prefill_layout(self, chunks: list[tuple[int, int, int, int]]) -> PrefillLayout:
         dev = self.device
@@ -260,11 +275,11 @@ class Scheduler:
             empty = torch.empty(0, device=dev)
             return SamplingBatch(empty, empty, empty, empty, empty, all_greedy=True, any_truncation=False)
         return SamplingBatch(
-            temperature_B=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-            top_p_B=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            top_k_B=torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev),
-            seed_B=torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev),
-            counter_B=torch.tensor([s.num_generated for s in seqs], dtype=torch.long, device=dev),
+            temperature_B=_floats([p.temperature for p in params], dev),
+            top_p_B=_floats([p.top_p for p in params], dev),
+            top_k_B=_ints([p.top_k for p in params], dev),
+            seed_B=_ints([s.seed for s in seqs], dev),
+            counter_B=_ints([s.num_generated for s in seqs], dev),
             all_greedy=False, any_truncation=any_truncation)
 
     # ------------------------------------------------------------------ commit
@@ -280,7 +295,9 @@ class Scheduler:
             g.prefilled += size
         for g in plan.prefill_done:
             self.prefilling.remove(g)
-            self.decoding.setdefault(g.version, []).extend(g.seqs)
+            decoding = self.decoding.setdefault(g.version, [])
+            decoding.extend(g.seqs)
+            decoding.sort(key=lambda s: s.slot)
 
         now = time.monotonic()
         finished: list[tuple[SeqState, FinishReason]] = []

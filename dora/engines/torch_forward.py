@@ -19,8 +19,8 @@ and `dora.engines.experts` (the experts of `ops.moe_experts` on the engine's wei
 engine computes the function the trainer's `DecoderLM` computes, up to float summation order.
 
 Shape legend: N fed tokens this step, R sampled rows, B decode rows, S slots in the decode view,
-Lk keys, P prefill chunks, C longest chunk, D hidden, H/G query/kv heads, Dh head dim, V vocab,
-E experts, K top-k, Lm MoE layers.
+Lk keys, P prefill chunks, C longest chunk, D hidden, H/G query/kv heads, A = H + 2G heads of the fused
+q/k/v projection, Dh head dim, Dp = Dh / 2 rotated pairs, V vocab, E experts, K top-k, Lm MoE layers.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dora.engines import experts
 from dora.engines.kv_cache import SlotCache
-from dora.engines.versions import LayerWeights, LiveVersions, VersionWeights
+from dora.engines.versions import LayerWeights, LiveVersions, VersionWeights, rope_pairs_adjacent
 from dora.models import ops
 from dora.models.config import ModelConfig
 
@@ -103,7 +103,17 @@ class PackedForward:
         self.cache = cache
         positions = torch.arange(cache.max_len, device=device)
         # Indexing a table computed by ops.rope_cos_sin gives bit-identical values to calling it per step.
-        self.cos_MDh, self.sin_MDh = ops.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype, device)
+        cos_MDh, sin_MDh = ops.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype, device)
+        half = cfg.head_dim // 2
+        self.complex_rope = rope_pairs_adjacent(dtype)
+        if self.complex_rope:
+            # q/k heads hold each rotated pair (x_i, x_{i + Dh/2}) adjacent (see versions.LayerWeights):
+            # RoPE is (x_i + i x_{i + Dh/2}) * (cos + i sin), the products and sums of ops.apply_rope.
+            self.rope_tables = (torch.complex(cos_MDh[:, :half], sin_MDh[:, :half]),)
+        else:
+            # rotate_half(x) * sin == roll(x, Dh / 2) * sin_signed (first half of sin negated): the same
+            # products bit for bit, in one roll instead of two slices, a negation and a cat.
+            self.rope_tables = (cos_MDh, torch.cat([-sin_MDh[:, :half], sin_MDh[:, half:]], dim=-1))
         self.q_width = cfg.num_attention_heads * cfg.head_dim
 
     @torch.inference_mode()
@@ -112,40 +122,53 @@ class PackedForward:
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         rows = _Rows(live.weights, step.segments)
         x_ND = rows.apply(step.tokens_N, lambda w, t: F.embedding(t, w.embed_VD))
-        cos_NDh, sin_NDh = self.cos_MDh[step.pos_N], self.sin_MDh[step.pos_N]
+        # The rows of one step share their positions' RoPE tables across layers: indexed once.
+        rope = tuple(t.index_select(0, step.pos_N).unsqueeze(1) for t in self.rope_tables)
         routing: list[torch.Tensor] = []
         for i in range(cfg.num_hidden_layers):
-            h_ND = rows.apply(x_ND, lambda w, x: ops.rms_norm(x, w.layers[i].input_norm_D, eps))
-            x_ND = x_ND + self._attention(i, rows, step, h_ND, cos_NDh, sin_NDh)
-            h_ND = rows.apply(x_ND, lambda w, x: ops.rms_norm(x, w.layers[i].post_norm_D, eps))
+            h_ND = rows.apply(x_ND, lambda w, x: _rms_norm(x, w.layers[i].input_norm_D, eps))
+            # x_ND is this pass's own tensor: the output projection adds into it in place.
+            rows.addmm_(x_ND, self._attention(i, rows, step, h_ND, rope),
+                        lambda w: (w.layers[i].o_T, w.layers[i].o_bias))
+            h_ND = rows.apply(x_ND, lambda w, x: _rms_norm(x, w.layers[i].post_norm_D, eps))
             if cfg.is_moe_layer(i):
                 y_ND, ids_NK = self._moe(i, live, rows, step, h_ND)
                 routing.append(ids_NK)
             else:
                 y_ND = rows.apply(h_ND, lambda w, x: _dense_mlp(x, w.layers[i]))
-            x_ND = x_ND + y_ND
+            x_ND += y_ND
         if routing:
             self.cache.write_routing(step.flat_N, torch.stack(routing, dim=1))
         h_RD = x_ND.index_select(0, step.sample_rows_R)
         logits_RV = _Rows(live.weights, step.sample_segments).apply(
-            h_RD, lambda w, x: torch.mm(ops.rms_norm(x, w.final_norm_D, eps), w.lm_head_T))
+            h_RD, lambda w, x: torch.mm(_rms_norm(x, w.final_norm_D, eps), w.lm_head_T))
         return logits_RV.float()
 
     # ------------------------------------------------------------------ blocks
 
     def _attention(self, i: int, rows: _Rows, step: StepInputs, h_ND: torch.Tensor,
-                   cos_NDh: torch.Tensor, sin_NDh: torch.Tensor) -> torch.Tensor:
+                   rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """-> attention output [N, H * Dh], before the output projection."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         H, G = cfg.num_attention_heads, cfg.num_key_value_heads
-        qkv_NHD = rows.apply(h_ND, lambda w, x: _linear(x, w.layers[i].qkv_T, w.layers[i].qkv_bias)
+        qkv_NAD = rows.apply(h_ND, lambda w, x: _linear(x, w.layers[i].qkv_T, w.layers[i].qkv_bias)
                              ).unflatten(-1, (-1, cfg.head_dim))
         # Queries and keys go through norm and RoPE together: the same per-head math, half the ops.
-        qk_NHD = qkv_NHD[:, :H + G]
+        # RoPE (= ops.apply_rope) writes back into the q/k heads of qkv, which leaves each token's
+        # keys and values adjacent: one cache write for both.
+        qk_NHD = qkv_NAD[:, :H + G]
         if cfg.qk_norm:
-            qk_NHD = rows.apply(qk_NHD, lambda w, x: ops.rms_norm(x, w.layers[i].qk_norm_HDh, eps))
-        qk_NHD = ops.apply_rope(qk_NHD, cos_NDh, sin_NDh)
-        q_NHD, k_NGD, v_NGD = qk_NHD[:, :H], qk_NHD[:, H:], qkv_NHD[:, H + G:]
-        self.cache.write_kv(i, step.flat_N, k_NGD, v_NGD)
+            qk_NHD = rows.apply(qk_NHD, lambda w, x: _rms_norm_heads(x, w.layers[i].qk_norm_HDh, eps))
+        if self.complex_rope:
+            (freqs_N1Dp,) = rope
+            torch.mul(torch.view_as_complex(qk_NHD.unflatten(-1, (-1, 2))), freqs_N1Dp,
+                      out=torch.view_as_complex(qkv_NAD[:, :H + G].unflatten(-1, (-1, 2))))
+        else:
+            cos_N1Dh, sin_signed_N1Dh = rope
+            rotated_NHD = qk_NHD.roll(cfg.head_dim // 2, -1) * sin_signed_N1Dh
+            torch.mul(qk_NHD, cos_N1Dh, out=qkv_NAD[:, :H + G]).add_(rotated_NHD)
+        self.cache.write_kv(i, step.flat_N, qkv_NAD[:, H:])
+        q_NHD = qkv_NAD[:, :H]
 
         num_rows = h_ND.shape[0]
         dec, pre = step.decode, step.prefill
@@ -162,7 +185,7 @@ class PackedForward:
                     out_NX[pre.rows] = self._prefill_attention(i, pre, q_NHD[pre.rows])
                 else:
                     out_NX.index_copy_(0, pre.rows, self._prefill_attention(i, pre, q_NHD.index_select(0, pre.rows)))
-        return rows.apply(out_NX, lambda w, x: _linear(x, w.layers[i].o_T, w.layers[i].o_bias))
+        return out_NX
 
     def _decode_attention(self, i: int, dec: DecodeLayout, q_BHD: torch.Tensor) -> torch.Tensor:
         """One query per decode row against its slot's cached keys -> [B, H * Dh]."""
@@ -176,16 +199,16 @@ class PackedForward:
             q_SHD.index_copy_(0, dec.slots_B, q_BHD)
         # GQA without repeating keys: the H / G query heads sharing a kv head act as H / G queries.
         q_SGhD = q_SHD.view(S, G, -1, Dh)
-        k_SGLD = self.cache.k_LSMGD[i, :S, :Lk].transpose(1, 2)
-        v_SGLD = self.cache.v_LSMGD[i, :S, :Lk].transpose(1, 2)
+        k_SGLD = self.cache.keys_SMGD[i][:S, :Lk].transpose(1, 2)
+        v_SGLD = self.cache.values_SMGD[i][:S, :Lk].transpose(1, 2)
         out_SGhD = F.scaled_dot_product_attention(q_SGhD, k_SGLD, v_SGLD, attn_mask=dec.mask_S11Lk)
         out_SX = out_SGhD.reshape(S, -1)
         if dec.long_slots_b is not None:
             assert dec.long_mask_b11Lk is not None
             b, Lk = dec.long_slots_b.shape[0], dec.long_mask_b11Lk.shape[-1]
             q_bGhD = q_SGhD.index_select(0, dec.long_slots_b)
-            k_bGLD = self.cache.k_LSMGD[i, :, :Lk].index_select(0, dec.long_slots_b).transpose(1, 2)
-            v_bGLD = self.cache.v_LSMGD[i, :, :Lk].index_select(0, dec.long_slots_b).transpose(1, 2)
+            k_bGLD = self.cache.keys_SMGD[i][:, :Lk].index_select(0, dec.long_slots_b).transpose(1, 2)
+            v_bGLD = self.cache.values_SMGD[i][:, :Lk].index_select(0, dec.long_slots_b).transpose(1, 2)
             out_bGhD = F.scaled_dot_product_attention(q_bGhD, k_bGLD, v_bGLD, attn_mask=dec.long_mask_b11Lk)
             out_SX = out_SX.index_copy(0, dec.long_slots_b, out_bGhD.reshape(b, -1))
         return out_SX if dec.identity else out_SX.index_select(0, dec.slots_B)
@@ -195,16 +218,16 @@ class PackedForward:
         Lk = pre.num_keys
         if pre.single_slot >= 0:
             q_1HCD = q_nHD.transpose(0, 1).unsqueeze(0)
-            k_1GLD = self.cache.k_LSMGD[i, pre.single_slot, :Lk].transpose(0, 1).unsqueeze(0)
-            v_1GLD = self.cache.v_LSMGD[i, pre.single_slot, :Lk].transpose(0, 1).unsqueeze(0)
+            k_1GLD = self.cache.keys_SMGD[i][pre.single_slot, :Lk].transpose(0, 1).unsqueeze(0)
+            v_1GLD = self.cache.values_SMGD[i][pre.single_slot, :Lk].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(q_1HCD, k_1GLD, v_1GLD, attn_mask=pre.mask_P1CLk,
                                                  is_causal=pre.mask_P1CLk is None, enable_gqa=True)
             return out[0].transpose(0, 1).reshape(q_nHD.shape[0], -1)
         assert pre.gather_PC is not None and pre.scatter_n is not None
         P, C = pre.gather_PC.shape
         q_PHCD = q_nHD.index_select(0, pre.gather_PC.view(-1)).view(P, C, *q_nHD.shape[1:]).transpose(1, 2)
-        k_PGLD = self.cache.k_LSMGD[i, :, :Lk].index_select(0, pre.slots_P).transpose(1, 2)
-        v_PGLD = self.cache.v_LSMGD[i, :, :Lk].index_select(0, pre.slots_P).transpose(1, 2)
+        k_PGLD = self.cache.keys_SMGD[i][:, :Lk].index_select(0, pre.slots_P).transpose(1, 2)
+        v_PGLD = self.cache.values_SMGD[i][:, :Lk].index_select(0, pre.slots_P).transpose(1, 2)
         out_PHCD = F.scaled_dot_product_attention(q_PHCD, k_PGLD, v_PGLD, attn_mask=pre.mask_P1CLk,
                                                   is_causal=pre.mask_P1CLk is None, enable_gqa=True)
         return out_PHCD.transpose(1, 2).reshape(P * C, -1).index_select(0, pre.scatter_n)
@@ -234,6 +257,33 @@ class _Rows:
         if len(self.segs) == 1:
             return fn(self.weights[self.segs[0][0]], x)
         return torch.cat([fn(self.weights[j], x[a:b]) for j, a, b in self.segs if b > a])
+
+    def addmm_(self, y: torch.Tensor, x: torch.Tensor,
+               weight: Callable[[VersionWeights], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """y += x @ w_IO (+ bias) in place, each row range with its version's (w_IO, bias); addmm gives
+        the same values as the matmul then the add."""
+        for j, a, b in self.segs:
+            w_IO, bias_O = weight(self.weights[j])
+            y_rows = y if len(self.segs) == 1 else y[a:b]
+            y_rows.addmm_(x if len(self.segs) == 1 else x[a:b], w_IO)
+            if bias_O is not None:
+                y_rows.add_(bias_O)
+
+
+def _rms_norm(x_ND: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """ops.rms_norm; in fp32 through F.rms_norm, which runs the same ops in the same order in C++
+    (bit-identical, without a Python call per op; tests/engines/test_torch_forward.py pins it)."""
+    if x_ND.dtype != torch.float32:
+        return ops.rms_norm(x_ND, weight_D, eps)
+    return F.rms_norm(x_ND, weight_D.shape, weight_D, eps)
+
+
+def _rms_norm_heads(x_NHD: torch.Tensor, weight_HDh: torch.Tensor, eps: float) -> torch.Tensor:
+    """ops.rms_norm over the head dim with a weight per head (q_norm for query heads, k_norm for kv
+    heads); in fp32 the unweighted F.rms_norm times the weight, which is the same computation."""
+    if x_NHD.dtype != torch.float32:
+        return ops.rms_norm(x_NHD, weight_HDh, eps)
+    return F.rms_norm(x_NHD, weight_HDh.shape[-1:], None, eps) * weight_HDh
 
 
 def _linear(x_NI: torch.Tensor, w_IO: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:

@@ -37,7 +37,11 @@ class LayerWeights:
     o_bias: torch.Tensor | None
     qk_norm_HDh: torch.Tensor | None
     """[H + G, Dh]: the q_norm weight for each query head, then the k_norm weight for each kv head,
-    so queries and keys are normalised in one call (the same per-head RMSNorm)."""
+    so queries and keys are normalised in one call (the same per-head RMSNorm).
+    With `rope_pairs_adjacent(dtype)`, the q and k heads' dims (in qkv_T, qkv_bias and this weight)
+    are stored in `rope_pair_order`, and so are the cached keys. q and k are permuted alike, so the
+    attention scores are the same up to float summation order (the q/k norm and the q.k products
+    sum the head dims in another order)."""
     post_norm_D: torch.Tensor
     router_T: torch.Tensor | None
     """MoE layers: router [D, E]; the experts live stacked across versions in `LiveVersions`."""
@@ -118,6 +122,19 @@ def _preview(items: list[str], limit: int = 6) -> str:
     return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''}]"
 
 
+def rope_pairs_adjacent(dtype: torch.dtype) -> bool:
+    """Whether the engine keeps RoPE's rotated pairs (i, i + Dh / 2) of every q/k head adjacent, so
+    RoPE is one complex multiply (bit-identical to `ops.apply_rope` on the permuted dims): in float32,
+    which has a complex type (complex64)."""
+    return dtype == torch.float32
+
+
+def rope_pair_order(head_dim: int) -> torch.Tensor:
+    """Head-dim order with each rotated pair adjacent: [0, Dh/2, 1, Dh/2 + 1, ...]."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).reshape(-1)
+
+
 def prepare_version(cfg: ModelConfig, version: int, weights: Mapping[str, torch.Tensor], *,
                     dtype: torch.dtype, device: torch.device) -> VersionWeights:
     """Validate, then copy the weights to the engine's device/dtype in the layout its forward uses.
@@ -133,18 +150,30 @@ def prepare_version(cfg: ModelConfig, version: int, weights: Mapping[str, torch.
     def get_T(name: str) -> torch.Tensor:
         return get(name).t().contiguous()
 
+    pair_order = rope_pair_order(cfg.head_dim).to(device) if rope_pairs_adjacent(dtype) else None
+
+    def heads(name: str) -> torch.Tensor:
+        """A q/k projection weight [heads * Dh, ...] or bias, or a norm weight [Dh], with each head's
+        dims in `pair_order` when RoPE runs on adjacent pairs."""
+        t = get(name)
+        if pair_order is None:
+            return t
+        return t.unflatten(0, (-1, cfg.head_dim)).index_select(1, pair_order).flatten(0, 1)
+
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        qkv_bias = torch.cat([get(a + f"{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
+        qkv_bias = (torch.cat([heads(a + "q_proj.bias"), heads(a + "k_proj.bias"), get(a + "v_proj.bias")])
+                    if cfg.attention_bias else None)
         moe = cfg.is_moe_layer(i)
         layers.append(LayerWeights(
             input_norm_D=get(p + "input_layernorm.weight"),
-            qkv_T=torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"]).t().contiguous(), qkv_bias=qkv_bias,
+            qkv_T=torch.cat([heads(a + "q_proj.weight"), heads(a + "k_proj.weight"),
+                             get(a + "v_proj.weight")]).t().contiguous(), qkv_bias=qkv_bias,
             o_T=get_T(a + "o_proj.weight"), o_bias=opt(a + "o_proj.bias"),
-            qk_norm_HDh=torch.cat([get(a + "q_norm.weight").expand(cfg.num_attention_heads, -1),
-                                   get(a + "k_norm.weight").expand(cfg.num_key_value_heads, -1)])
+            qk_norm_HDh=torch.cat([heads(a + "q_norm.weight").expand(cfg.num_attention_heads, -1),
+                                   heads(a + "k_norm.weight").expand(cfg.num_key_value_heads, -1)])
             if cfg.qk_norm else None,
             post_norm_D=get(p + "post_attention_layernorm.weight"),
             router_T=get_T(p + "mlp.gate.weight") if moe else None,
