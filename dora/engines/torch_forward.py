@@ -140,6 +140,8 @@ class PackedForward:
         if routing:
             self.cache.write_routing(step.flat_N, torch.stack(routing, dim=1))
         h_RD = x_ND.index_select(0, step.sample_rows_R)
+        if not h_RD.shape[0]:  # only unfinished prefill chunks this step: KV written, nothing to sample
+            return h_RD.new_empty((0, cfg.vocab_size), dtype=torch.float32)
         logits_RV = _Rows(live.weights, step.sample_segments).apply(
             h_RD, lambda w, x: torch.mm(_rms_norm(x, w.final_norm_D, eps), w.lm_head_T))
         return logits_RV.float()

@@ -404,3 +404,20 @@ def test_batch_of_equal_prompts_prefilled_together(models):
         engine.submit(PromptGroup(group_id=i, prompt_id=i, prompt_ids=p), 0, SamplingParams(max_new_tokens=5, seed=i))
     for t in run(engine):
         check_against(models[0], t)
+
+
+def test_a_lone_prompt_longer_than_the_step_budget(models):
+    """Steps that only advance a prefill (no sequence samples) write KV and sample nothing; the result
+    equals an unchunked prefill."""
+    model, _ = models
+    prompt = list(range(5, 25))
+    outputs = []
+    for budget in (8, 64):
+        engine = make_engine(model, max_num_seqs=2, max_num_batched_tokens=budget)
+        engine.submit(PromptGroup(group_id=0, prompt_id=0, prompt_ids=prompt), 0,
+                      SamplingParams(max_new_tokens=6, temperature=0.0))
+        finished = []
+        while engine.has_work():
+            finished += engine.step()
+        outputs.append(finished[0].response_ids)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
