@@ -238,7 +238,7 @@ class PackedForward:
              h_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         router_logits_NE = rows.apply(h_ND, lambda w, x: torch.mm(x, w.layers[i].router_T))
-        weights_NK, ids_NK = ops.route(router_logits_NE, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        weights_NK, ids_NK = _route(router_logits_NE, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         # Several versions: version j's experts are rows [j * E, (j + 1) * E) of the stacked tensors.
         stacked_ids_NK = ids_NK if step.vidx_N is None else ids_NK + (step.vidx_N * cfg.num_experts)[:, None]
         gate_up, down = live.gate_up_LEDF[i], live.down_LEID[i]
@@ -286,6 +286,17 @@ def _rms_norm_heads(x_NHD: torch.Tensor, weight_HDh: torch.Tensor, eps: float) -
     if x_NHD.dtype != torch.float32:
         return ops.rms_norm(x_NHD, weight_HDh, eps)
     return F.rms_norm(x_NHD, weight_HDh.shape[-1:], None, eps) * weight_HDh
+
+
+def _route(router_logits_NE: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.route in two ops when the top-k weights are renormalised: softmax is monotonic, so the
+    top-k of the logits are the top-k experts, and the renormalised top-k probabilities are the
+    softmax of the top-k logits (equal up to float rounding; the ids differ only if two logits are
+    within rounding of each other, where any change of summation order could swap them too)."""
+    if not norm_topk_prob:
+        return ops.route(router_logits_NE, top_k, norm_topk_prob)
+    top_logits_NK, ids_NK = torch.topk(router_logits_NE, top_k, dim=-1)
+    return torch.softmax(top_logits_NK, dim=-1, dtype=torch.float32).to(router_logits_NE.dtype), ids_NK
 
 
 def _linear(x_NI: torch.Tensor, w_IO: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:

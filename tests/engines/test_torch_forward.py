@@ -6,7 +6,7 @@ import torch
 
 from dora.engines.kv_cache import SlotCache
 from dora.engines.scheduler import Scheduler, _split_long
-from dora.engines.torch_forward import _rms_norm, _rms_norm_heads
+from dora.engines.torch_forward import _rms_norm, _rms_norm_heads, _route
 from dora.engines.versions import rope_pair_order, rope_pairs_adjacent
 from dora.models import ops
 
@@ -51,3 +51,12 @@ def test_split_long_reads_the_fewest_keys():
         keys = _split_long(lengths, num_slots)
         cost = lambda k: num_slots * k + 2 * int((lengths > k).sum()) * int(lengths.max())  # noqa: E731
         assert keys in lengths and cost(keys) == min(cost(int(k)) for k in lengths)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_route_picks_the_models_experts(norm_topk_prob):
+    logits = torch.randn(512, 8, generator=torch.Generator().manual_seed(2))
+    weights, ids = _route(logits, 2, norm_topk_prob)
+    ref_weights, ref_ids = ops.route(logits, 2, norm_topk_prob)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-6)
