@@ -102,9 +102,8 @@ def loop_moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch
     x_nD = x_ND.index_select(0, slots.token_n)
     y_nD = torch.empty_like(x_nD)
     start = 0
-    for expert, count in enumerate(slots.counts().tolist()):
-        if count:
-            end = start + count
+    for expert, end in enumerate(slots.ends_E.tolist()):
+        if end > start:
             h_cI = _swiglu_(torch.mm(x_nD[start:end], gate_up_EDF[expert]))
             torch.mm(h_cI, down_EID[expert], out=y_nD[start:end])
             start = end
