@@ -15,12 +15,16 @@ tests/engines/test_torch_experts.py):
   groups one after another, each a matmul too small to split well.
 - "ops": `dora.models.ops.moe_experts` itself (the reference), through transposed views.
 - "auto" (default): "loop" for a handful of tokens, else "grouped" where supported, else "loop".
-Measured per MoE layer on the bench model (64 tokens, top-2 of 8; best of 25 interleaved windows on a
-shared 2-core machine): grouped 553-615 us at 1 thread / 477-557 us at 2; padded 639-739 / 431-549;
-loop 596 / 536. A decode step at batch 64 is ~6.5 ms at 1 thread and ~5.4-5.9 ms at 2 with grouped or
-padded alike: the expert matmuls read ~6 MB of weights per layer for ~16 rows per expert (bandwidth-
-bound, ~1.5x from a 2nd thread at best), and ~2 ms of the step is a few hundred small ops whose
-dispatch does not parallelise. So "auto" keeps grouped; force padded with `moe_impl`.
+Measured on the bench model (top-2 of 8; its random router sends about half of all slots to one
+expert, e.g. counts [72, 8, 9, 11, 3, 9, 8, 8] at 64 tokens): at 64 tokens grouped's two matmuls
+take ~650 us per layer at 1 thread and ~540 us at 2 (they read ~6 MB of expert weights per layer; a
+small-M matmul gains ~1.5x from a 2nd thread, the hot expert's ~1.2x). Padded pays for the hot
+expert's count in every expert (E x 72 rows for 128 slots). A capacity-blocked variant (each expert's
+first C slots in one bmm, the rest of busy experts in their own matmul) and splitting the experts
+between the calling thread and a helper thread (each single-threaded) were both slower in the engine
+at 2 threads, so "auto" keeps grouped. In the engine, the small ops around the matmuls (sort, gather,
+SwiGLU, combine) cost ~150 us per layer: hence the sort + searchsorted bookkeeping, the in-place
+SwiGLU and the one-copy + bmm combine below.
 Expert weights are indexed by their first dim: several versions' experts may be stacked with ids
 offset by version * E, and one call serves every version.
 
