@@ -175,9 +175,11 @@ class TrainLoop:
                     final_eval = await self._evaluate(step + 1)
                     metrics["eval_accuracy"] = final_eval.accuracy
                     metrics["eval_reward"] = final_eval.mean_reward
+                # Metrics first: a checkpoint at step s + 1 then implies step s's row is on disk, so a run
+                # killed right after a checkpoint and resumed from it has every step's row exactly once.
+                self.logger.log(metrics, step)
                 if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                     await self._save(step + 1)
-                self.logger.log(metrics, step)
                 self.progress.update(step, metrics)
             engine_busy_s = [engine.stats().busy_s for engine in self.engines]
         finally:
