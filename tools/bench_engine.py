@@ -40,6 +40,7 @@ import torch
 from dora.engines.config import EngineConfig
 from dora.engines.experts import MOE_IMPLS
 from dora.engines.torch_engine import TorchEngine
+from dora.engines.vllm_engine import vllm_available
 from dora.models.config import ModelConfig
 from dora.models.io import save_model
 from dora.models.model import DecoderLM
@@ -97,14 +98,6 @@ def dora_generate(engine: TorchEngine, prompts: list[list[int]], new_tokens: lis
             done[t.group_id - first_id] = t.response_ids
     outputs = [done[i] for i in range(len(prompts))]
     return outputs, sum(len(o) for o in outputs)
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def make_vllm(folder: str, batch: int, max_len: int, dtype: str, threads: int):

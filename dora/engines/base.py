@@ -103,3 +103,19 @@ class TrajectoryStream:
                     return item
                 self._event.clear()
             await self._event.wait()
+
+
+def check_request(group: PromptGroup, sampling: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """The checks every engine makes on `submit`: the prompt leaves room for a response and all token
+    ids are in the vocabulary. Errors name the group and prompt."""
+    prompt = group.prompt_ids
+    where = f"group {group.group_id} (prompt {group.prompt_id})"
+    if len(prompt) >= max_model_len:
+        raise ValueError(f"{where}: prompt of {len(prompt)} tokens leaves no room for a response in "
+                         f"engine.max_model_len={max_model_len}")
+    bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"{where}: prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < vocab_size]
+    if bad_stop:
+        raise ValueError(f"{where}: stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab_size})")

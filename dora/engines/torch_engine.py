@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Mapping
 import torch
 
 from dora.engines import ENGINES
-from dora.engines.base import EngineStats, GroupHandle, TrajectoryStream
+from dora.engines.base import EngineStats, GroupHandle, TrajectoryStream, check_request
 from dora.engines.config import EngineConfig
 from dora.engines.kv_cache import SlotCache
 from dora.engines.sampler import sample
@@ -129,18 +129,9 @@ class TorchEngine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, group: PromptGroup, version: int, sampling: SamplingParams) -> GroupHandle:
-        cfg, ecfg = self.model_config, self.config
-        prompt = group.prompt_ids
+        ecfg = self.config
+        check_request(group, sampling, self.model_config.vocab_size, ecfg.max_model_len)
         where = f"group {group.group_id} (prompt {group.prompt_id})"
-        if len(prompt) >= ecfg.max_model_len:
-            raise ValueError(f"{where}: prompt of {len(prompt)} tokens leaves no room for a response in "
-                             f"engine.max_model_len={ecfg.max_model_len}")
-        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
-        if bad:
-            raise ValueError(f"{where}: prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
-        bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < cfg.vocab_size]
-        if bad_stop:
-            raise ValueError(f"{where}: stop_token_ids {bad_stop} are outside the vocabulary [0, {cfg.vocab_size})")
         if group.num_samples > ecfg.max_num_seqs:
             raise ValueError(f"{where}: num_samples={group.num_samples} exceeds engine.max_num_seqs="
                              f"{ecfg.max_num_seqs} (a group's samples run together)")

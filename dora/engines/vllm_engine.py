@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from dora.engines import ENGINES
-from dora.engines.base import EngineStats, GroupHandle, TrajectoryStream
+from dora.engines.base import EngineStats, GroupHandle, TrajectoryStream, check_request
 from dora.engines.config import EngineConfig, EngineKind
 from dora.models.config import ModelConfig
 from dora.models.io import check_hf_shapes, load_config, to_hf_state_dict
@@ -179,7 +179,7 @@ class VllmEngine:
     @property
     def live_versions(self) -> list[int]:
         with self._lock:
-            return [] if self._live is None else [self._live]
+            return self._live_list()
 
     def add_version(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         """Load `weights` (dora naming) into vLLM and make `version` the live one. Blocking: call it
@@ -258,14 +258,8 @@ class VllmEngine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, group: PromptGroup, version: int, sampling: SamplingParams) -> GroupHandle:
+        check_request(group, sampling, self.model_config.vocab_size, self.config.max_model_len)
         where = f"group {group.group_id} (prompt {group.prompt_id})"
-        if len(group.prompt_ids) + 1 > self.config.max_model_len:
-            raise ValueError(f"{where}: prompt of {len(group.prompt_ids)} tokens leaves no room in engine."
-                             f"max_model_len={self.config.max_model_len}")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in (*group.prompt_ids, *sampling.stop_token_ids) if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{where}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"engine {self.engine_id} is closed")

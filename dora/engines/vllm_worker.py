@@ -37,18 +37,14 @@ class DoraWorkerExtension:
     def dora_begin_update(self) -> None:
         self._dora_pending = []
 
-    def dora_load_bucket(self, path: str) -> int:
-        """Register one safetensors bucket file (Hugging Face checkpoint names); returns its tensor count."""
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            count = len(list(f.keys()))
+    def dora_load_bucket(self, path: str) -> None:
+        """Register one safetensors bucket file (Hugging Face checkpoint names)."""
         self._dora_pending.append(path)
-        return count
 
     def dora_finish_update(self, expected_names: list[str]) -> dict[str, Any]:
         """Load every registered bucket into the live model. `expected_names` is the full list the
-        sender meant to send: a missing or extra name is an error before anything is loaded."""
+        sender meant to send (it checked them against the model's config): a missing or extra name is
+        an error before anything is loaded."""
         from safetensors import safe_open
 
         paths, self._dora_pending = getattr(self, "_dora_pending", []), []
@@ -61,7 +57,6 @@ class DoraWorkerExtension:
         if missing or extra or len(received) != len(set(received)):
             raise ValueError(f"weight update incomplete or inconsistent: missing {missing[:5]}, unexpected "
                              f"{extra[:5]}, {len(received) - len(set(received))} duplicated")
-        self._dora_check_names(received)
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             for path in paths:
@@ -72,17 +67,6 @@ class DoraWorkerExtension:
         self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         rebuilt = self._dora_rebuild_moe_kernels()
         return {"tensors": len(received), "moe_layers_rebuilt": rebuilt}
-
-    def _dora_check_names(self, names: list[str]) -> None:
-        """Every name must map to a parameter of the live model (vLLM fuses q/k/v and gate/up and stacks
-        experts, so names are checked by the module they address, not one to one)."""
-        model = self.model_runner.get_model()
-        modules = dict(model.named_modules())
-        unknown = [n for n in names if n.rpartition(".")[0] not in modules and not _expert_parent(n, modules)
-                   and not _fused_parent(n, modules)]
-        if unknown:
-            raise KeyError(f"weight update names {unknown[:5]} match no module of the served model "
-                           f"({type(model).__name__})")
 
     def _dora_rebuild_moe_kernels(self) -> int:
         """vLLM's reload re-runs each MoE layer's processing as a weight update, which skips the experts
@@ -101,23 +85,3 @@ class DoraWorkerExtension:
                 kernel.fused_experts.process_weights_after_loading(module)
                 rebuilt += 1
         return rebuilt
-
-    def dora_routing_supported(self) -> bool:
-        """Whether this worker can return routed experts (vLLM's own option, enabled at start-up)."""
-        return bool(getattr(self.vllm_config.model_config, "enable_return_routed_experts", False))
-
-
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-
-
-def _fused_parent(name: str, modules: dict[str, torch.nn.Module]) -> bool:
-    parent, _, _ = name.rpartition(".")
-    scope, _, leaf = parent.rpartition(".")
-    return leaf in _FUSED and f"{scope}.{_FUSED[leaf]}" in modules
-
-
-def _expert_parent(name: str, modules: dict[str, torch.nn.Module]) -> bool:
-    """`...mlp.experts.<i>.<proj>.weight` is held by the stacked `...mlp.experts` module."""
-    head, sep, _ = name.partition(".experts.")
-    return bool(sep) and f"{head}.experts" in modules
