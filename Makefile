@@ -13,12 +13,14 @@ RECIPE ?= grpo_tiny
 setup: $(STAMP)
 
 # Re-installs only when the dependency spec changes. torch first, from constraints.txt, so no
-# dependency can pull a different (CUDA) build.
+# dependency can pull a different (CUDA) build. Then the fused CPU MoE kernel is compiled once (~25 s,
+# cached by torch; optional: without a compiler the engine uses its torch experts).
 $(STAMP): pyproject.toml setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m dora_kernels.cpu_moe
 	@touch $@
 
 train: setup

@@ -6,4 +6,5 @@ kernel_packages = ["dora_kernels" + name[len("kernels"):] for name in find_packa
 setup(
     packages=find_packages(include=["dora", "dora.*"]) + kernel_packages,
     package_dir={"dora_kernels": "kernels"},
+    package_data={"dora_kernels": ["cpu/*.cpp"]},
 )

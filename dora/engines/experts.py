@@ -6,6 +6,9 @@ engine keeps expert weights transposed and contiguous (`[E, D, 2I]` and `[E, I, 
 
 Implementations (same function as `dora.models.ops.moe_experts`, the trainer's; parity is tested in
 tests/engines/test_torch_experts.py):
+- "fused": the C++ kernel `dora_kernels.cpu_moe` (CPU): counting sort, gather, both matmuls, SwiGLU
+  and the weighted combine in one call, with each expert's rows cut into blocks dealt to the intra-op
+  threads longest-first (a hot expert is split between threads; each matmul runs single-threaded).
 - "grouped": tokens sorted by expert, one `torch._grouped_mm` per projection (CPU, fp32/bf16).
 - "loop": tokens sorted by expert, one matmul pair per expert that has tokens; used automatically
   for a handful of tokens (fewer token slots than experts), where only the weights of the experts
@@ -14,7 +17,9 @@ tests/engines/test_torch_experts.py):
   per projection. torch splits a bmm over experts across threads, while grouped_mm on CPU runs its
   groups one after another, each a matmul too small to split well.
 - "ops": `dora.models.ops.moe_experts` itself (the reference), through transposed views.
-- "auto" (default): "loop" for a handful of tokens, else "grouped" where supported, else "loop".
+- "auto" (default): on CPU "fused" when the kernel is built (`make setup` builds it), else "loop" for a
+  handful of tokens, else "grouped" where supported, else "loop". The fused kernel is what makes the
+  batch-64 decode step faster than grouped here (see `tools/bench_engine.py --moe-impl`).
 Measured on the bench model (top-2 of 8; its random router sends about half of all slots to one
 expert, e.g. counts [72, 8, 9, 11, 3, 9, 8, 8] at 64 tokens): at 64 tokens grouped's two matmuls
 take ~650 us per layer at 1 thread and ~540 us at 2 (they read ~6 MB of expert weights per layer; a
@@ -41,7 +46,19 @@ import torch.nn.functional as F
 
 from dora.models import ops
 
-MOE_IMPLS = ("auto", "grouped", "padded", "loop", "ops")
+MOE_IMPLS = ("auto", "fused", "grouped", "padded", "loop", "ops")
+
+
+def fused_kernel():
+    """The compiled `dora_kernels.cpu_moe` module, or None where it cannot be built."""
+    from dora_kernels import cpu_moe
+
+    return cpu_moe.load()
+
+
+def fused_supported(x_ND: torch.Tensor, gate_up_EDF: torch.Tensor) -> bool:
+    return (x_ND.device.type == "cpu" and x_ND.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and gate_up_EDF.is_contiguous() and fused_kernel() is not None)
 
 
 def grouped_supported(x_ND: torch.Tensor, gate_up_EDF: torch.Tensor, down_EID: torch.Tensor) -> bool:
@@ -141,8 +158,19 @@ def moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tens
                 gate_up_EDF: torch.Tensor, down_EID: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """y [N, D] = sum_k weights[n, k] * expert_{ids[n, k]}(x[n]) through the chosen implementation."""
     if impl == "auto":
-        few = ids_NK.numel() < gate_up_EDF.shape[0]
-        impl = "grouped" if not few and grouped_supported(x_ND, gate_up_EDF, down_EID) else "loop"
+        if fused_supported(x_ND, gate_up_EDF):
+            impl = "fused"
+        else:
+            few = ids_NK.numel() < gate_up_EDF.shape[0]
+            impl = "grouped" if not few and grouped_supported(x_ND, gate_up_EDF, down_EID) else "loop"
+    if impl == "fused":
+        kernel = fused_kernel()
+        if kernel is None:
+            from dora_kernels import cpu_moe
+
+            raise RuntimeError(f"moe impl 'fused' needs the dora_kernels.cpu_moe kernel, which could not be "
+                               f"built here: {cpu_moe.load_error()}")
+        return kernel.moe_experts(x_ND, ids_NK, weights_NK.to(x_ND.dtype), gate_up_EDF, down_EID)
     if impl == "padded":
         return padded_moe_experts(x_ND, ids_NK, weights_NK, gate_up_EDF, down_EID)
     if impl == "grouped":
