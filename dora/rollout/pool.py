@@ -11,10 +11,16 @@ Rules (DESIGN.md, "Switching"):
   old ones as soon as it has room, and drops an old version once its sequences drained;
 - an engine holding one version keeps serving it until the rebalancer moves it to the newest
   version; it then takes no new groups, and switches once drained;
-- rebalancing (DORA): version w gets Round(N * R_w / sum R) of the N single-version engines, where
-  R_w counts running sequences on w, plus, for the newest version, the sequences the deadline
-  invariant would still admit. Engines only ever move to the newest version, fewest running first;
-  an idle engine on a version that can no longer be admitted on moves at once.
+- rebalancing: a switch costs a single-version engine its drain (the slots its finished sequences
+  free stay empty until the last one ends: with long-tailed lengths, minutes at a time), so an engine
+  moves to the newest version only when switching costs nothing or when it has nothing left to do
+  where it is: it has no running sequence; or its version can no longer be admitted on (the deadline
+  invariant, or `fill_older_versions` off) while the newest can; or work only the newest version may
+  take (requeued prompts, groups waiting for an engine) has no engine on the newest, and then the
+  engine with the fewest running sequences moves. While its version may still be admitted on, an
+  engine keeps filling its free slots there (older versions fill idle slots, as in DORA) instead of
+  leaving them empty while it drains. Engines only ever move to the newest version; a draining engine
+  whose target was superseded is retargeted, so it lands on the newest version.
 
 New groups go to an engine's newest live version only (an older version of a multi-version engine
 is only draining). Capacity is counted in sequences (`max_seqs_per_engine`).
@@ -181,42 +187,23 @@ class RolloutPool:
 
     def rebalance(self, queued: dict[int, int], can_admit: Callable[[int], bool]) -> list[LoadVersion | DropVersion]:
         """Move single-version engines to the newest version (see the module docstring).
-        `queued`: version -> sequences waiting for an engine on it (admitted but not placed, and for
-        the newest version also what the deadline invariant would still admit)."""
+        `queued`: version -> sequences that only that version may take now (requeued prompts and
+        groups waiting for an engine go on the newest). `can_admit(v)`: whether a new group could be
+        admitted on version v now."""
         if self.partial or not any(e.max_versions == 1 and not e.loading and e.current is not None
                                    and e.current != self.newest for e in self.engines):
             return []  # every single-version engine is on (or loading) the newest version already
         singles = [e for e in self.engines if e.max_versions == 1]
-        demand = dict(queued)
-        engines_on: dict[int, int] = {}
-        for e in singles:
-            v = e.current
-            if v is not None:
-                demand[v] = demand.get(v, 0) + e.num_running
-                engines_on[v] = engines_on.get(v, 0) + 1
-        demand.setdefault(self.newest, 0)
         # An engine still loading is left alone: a load cannot be cancelled, and it will be
         # considered again once the version is live.
         movers = [e for e in singles if not e.loading and e.current is not None and e.current != self.newest]
-        if sum(demand.values()) == 0:
-            share_newest = len(singles)
-        else:
-            share_newest = _largest_remainder(len(singles), demand)[self.newest]
-        need = share_newest - engines_on.get(self.newest, 0)
-        # Idle on a version nothing can be admitted on any more: useless where it is.
-        moved = [e for e in movers if e.num_running == 0 and not queued.get(e.current, 0)  # type: ignore[arg-type]
-                 and not can_admit(e.current)]  # type: ignore[arg-type]
-        for e in moved:
-            engines_on[e.current] -= 1  # type: ignore[index]
-        for e in sorted(movers, key=lambda e: (e.num_running, e.engine_id)):
-            if len(moved) >= need:
-                break
-            v = e.current
-            # The last engine of a version with queued groups stays: engines never move back.
-            if any(m is e for m in moved) or (queued.get(v, 0) and engines_on[v] == 1):  # type: ignore[index]
-                continue
-            engines_on[v] -= 1  # type: ignore[index]
-            moved.append(e)
+        newest_open = can_admit(self.newest) or queued.get(self.newest, 0) > 0
+        moved = [e for e in movers
+                 if e.target is not None  # draining already: land on the newest version
+                 or e.num_running == 0  # nothing to drain: the switch is free
+                 or (newest_open and not can_admit(e.current))]  # type: ignore[arg-type]  # only drains where it is
+        if queued.get(self.newest, 0) and not any(e.current == self.newest for e in singles) and not moved:
+            moved.append(min(movers, key=lambda e: (e.num_running, e.engine_id)))
         actions: list[LoadVersion | DropVersion] = []
         for e in moved:
             e.target = self.newest
@@ -283,12 +270,3 @@ class RolloutPool:
     def idle_state(self) -> list[list[float]]:
         return [[e.idle_s, e.seq_s] for e in self.engines]
 
-
-def _largest_remainder(total: int, weights: dict[int, int]) -> dict[int, int]:
-    """Round(total * w / sum w) per key, with the rounding errors settled so the shares sum to total."""
-    s = sum(weights.values())
-    exact = {k: total * w / s for k, w in weights.items()}
-    shares = {k: int(x) for k, x in exact.items()}
-    for k in sorted(exact, key=lambda k: (shares[k] - exact[k], -k))[:total - sum(shares.values())]:
-        shares[k] += 1
-    return shares

@@ -194,16 +194,21 @@ class Scheduler:
         if self._try_step(time, actions):
             self._admit(time, actions)  # the step freed deadline room
         c = self.controller
-        # Groups waiting for an engine can always run on the newest version (see _place_unplaced).
-        queued = {c.newest_version: len(self._unplaced) * self.n}
-        if not self.config.waves and (self._requeued or not self._exhausted):
-            queued[c.newest_version] = queued.get(c.newest_version, 0) + c.slack(c.newest_version) * self.n
-        fill_older = self.config.fill_older_versions
+        newest = c.newest_version
+        # Work only the newest version may take: groups waiting for an engine (they can always run on
+        # the newest version, see _place_unplaced) and requeued prompts (first in line, newest only).
+        queued = {newest: (len(self._unplaced) + len(self._requeued)) * self.n}
+        more = bool(self._requeued) or not self._exhausted
+        fill_older = self.config.fill_older_versions and not self.config.waves
+
+        def can_admit(version: int) -> bool:
+            return more and (version == newest or fill_older) and c.can_admit(version)
+
         # One-step-off as published (verl's one-step-off recipe, AReaL's baseline): the engines form one
         # generation service whose weights are updated together once the wave in flight has finished.
         # Moving drained engines to the new version one by one is DORA's rebalancing, not the baseline's.
-        if not (self.config.waves and self.pool.runs_older_than(c.newest_version)):
-            actions += self.pool.rebalance(queued, lambda v: fill_older and c.can_admit(v))
+        if not (self.config.waves and self.pool.runs_older_than(newest)):
+            actions += self.pool.rebalance(queued, can_admit)
         self.metrics.note_live(time, self.pool.live_versions())
 
     def _admit(self, time: float, actions: list[Action]) -> None:

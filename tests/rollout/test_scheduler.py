@@ -125,3 +125,51 @@ def test_group_size_mismatch_names_the_key():
     sched.start(0.0)
     with pytest.raises(ValueError, match="rollout.group_size"):
         sched.handle(EngineLoaded(0.0, 0, 0))
+
+
+def finished_on(engine_id, group, version, t):
+    return SampleFinished(t, engine_id, Trajectory(group.group_id, 0, group.prompt_id, group.prompt_ids, [5, 6],
+                                                   torch.zeros(2), version, version, version, FinishReason.STOP))
+
+
+def test_single_version_engine_refills_on_its_version_after_a_publish():
+    """k = 2, B = 4, two one-version engines of 2 slots, groups of 1. After version 1 is published
+    both engines still run version-0 groups and version 0 may still be admitted on: a freed slot is
+    refilled on version 0 at once (switching now would leave it empty until the engine drained), and
+    the engine switches only once version 0 closes and it has drained."""
+    config = RolloutConfig(max_staleness=2, max_live_versions=1, batch_groups=4, group_size=1, max_seqs_per_engine=2)
+    sched = Scheduler(config, RangePromptSource(40, 1), 2)
+    sched.start(0.0)
+    running = {0: [], 1: []}
+    for e in (0, 1):
+        running[e] += [s.group for s in kinds(sched.handle(EngineLoaded(0.0, e, 0)), Submit)]
+    assert [len(running[e]) for e in (0, 1)] == [2, 2]
+    sched.handle(StepRequested(0.0, 0))
+    for t, e in enumerate((0, 0, 1, 1), 1):
+        actions = sched.handle(finished_on(e, running[e].pop(0), 0, float(t)))
+        running[e] += [s.group for s in kinds(actions, Submit)]
+    assert kinds(actions, StartStep) and [len(running[e]) for e in (0, 1)] == [2, 2]
+    # Version 1 is published while both engines are full of version-0 groups.
+    assert kinds(sched.handle(VersionPublished(5.0, 1)), LoadVersion) == []
+    actions = sched.handle(finished_on(0, running[0].pop(0), 0, 6.0))
+    (refill,) = kinds(actions, Submit)
+    assert (refill.engine_id, refill.version) == (0, 0)
+    running[0].append(refill.group)
+    # Fill version 0's window: finished samples keep being replaced on version 0 until it closes.
+    t = 7.0
+    while sched.controller.can_admit(0):
+        e = 0 if running[0] else 1
+        actions = sched.handle(finished_on(e, running[e].pop(0), 0, t))
+        running[e] += [s.group for s in kinds(actions, Submit)]
+        assert all(s.version == 0 for s in kinds(actions, Submit))
+        t += 1.0
+    # Version 0 closed: an engine that drains switches to version 1 and takes the new groups there.
+    while not any(isinstance(a, LoadVersion) for a in actions):
+        e = 0 if running[0] else 1
+        actions = sched.handle(finished_on(e, running[e].pop(0), 0, t))
+        assert kinds(actions, Submit) == []
+        t += 1.0
+    (load,) = kinds(actions, LoadVersion)
+    assert load.version == 1 and not running[load.engine_id]
+    submits = kinds(sched.handle(EngineLoaded(t, load.engine_id, 1)), Submit)
+    assert submits and all(s.version == 1 and s.engine_id == load.engine_id for s in submits)
