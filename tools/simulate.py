@@ -2,6 +2,7 @@
 scheduler core (`dora.rollout.scheduler.Scheduler`, via `dora.rollout.sim.simulate`).
 
     python tools/simulate.py --preset dora_paper --json sim.json
+    python tools/simulate.py --preset dora_paper --tp 4             # engines of 4 accelerators
     python tools/simulate.py --calibrate bench_e2e.json        # this machine's measured costs
 
 Each mode runs in its best arrangement (synchronous may be colocated; every overlapping mode splits
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="modes to simulate (a dora mode may carry :mN, e.g. dora_k2:m1)")
     p.add_argument("--steps", type=int, help="train steps simulated per run (default: the preset's)")
     p.add_argument("--warmup", type=int, help="steps left out of the steady-state measurement")
+    p.add_argument("--tp", type=int, help="accelerators per engine, for every mode (default: the preset's)")
     p.add_argument("--workers", type=int, default=2, help="processes simulating modes in parallel")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -122,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate is not None:
         return _calibrated(console, args, modes, labels)
 
-    kwargs = {k: v for k, v in (("num_steps", args.steps), ("warmup_steps", args.warmup)) if v is not None}
-    scenario = PRESETS[args.preset](**kwargs)
+    kwargs = {k: v for k, v in (("num_steps", args.steps), ("warmup_steps", args.warmup), ("tp", args.tp))
+              if v is not None}
+    try:
+        scenario = PRESETS[args.preset](**kwargs)
+        scenario.cluster.max_seqs(2, scenario.tokens_per_running_seq(), scenario.group_size)
+    except ValueError as e:
+        raise SystemExit(f"--preset {args.preset}: {e}") from None
     jobs = [(scenario, name, overrides) for name, overrides in modes]
     if args.workers > 1:
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
