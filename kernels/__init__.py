@@ -1,6 +1,8 @@
 """Hot kernels for dora (installed as `dora_kernels`).
 
 Each kernel ships with a pure-torch reference, a fast path chosen automatically and a parity test.
-The torch references currently live next to their callers (e.g. chunked log-probs in
-`dora.trainer`); Triton versions land here as they are written.
+The torch references live next to their callers:
+- `cpu_moe`: fused dropless MoE experts for CPU inference (C++, `cpu/moe_experts.cpp`), the torch
+  engine's default on CPU; reference `dora.engines.experts` / `dora.models.ops.moe_experts`, parity in
+  tests/engines/test_torch_experts.py.
 """
