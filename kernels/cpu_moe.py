@@ -14,7 +14,6 @@ inference only (refuses tensors that require grad), float32 / bfloat16 / float16
 
 from __future__ import annotations
 
-import functools
 import sys
 import threading
 from pathlib import Path
@@ -22,25 +21,28 @@ from types import ModuleType
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "moe_experts.cpp"
 _lock = threading.Lock()
+_tried = False
+_module: ModuleType | None = None
 _error: str | None = None
 
 
-@functools.cache
-def _load() -> ModuleType | None:
-    global _error
-    try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        return load_extension(name="dora_moe_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
-    except Exception as e:  # no compiler / ninja, or a failed build: the torch path serves instead
-        _error = f"{type(e).__name__}: {e}".strip()
-        return None
-
-
 def load() -> ModuleType | None:
-    """The compiled kernel module, building it on first call in this environment; None if it cannot be built."""
+    """The compiled kernel module, building it on first call in this environment; None if it cannot be
+    built. After the first call this is a read of a global (it sits on the decode step's path)."""
+    global _tried, _module, _error
+    if _tried:
+        return _module
     with _lock:  # engines may be built from several threads; torch's own file lock covers processes
-        return _load()
+        if not _tried:
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                _module = load_extension(name="dora_moe_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"],
+                                         verbose=False)
+            except Exception as e:  # no compiler / ninja, or a failed build: the torch path serves instead
+                _error = f"{type(e).__name__}: {e}".strip()
+            _tried = True
+    return _module
 
 
 def load_error() -> str | None:

@@ -45,20 +45,19 @@ import torch
 import torch.nn.functional as F
 
 from dora.models import ops
+from dora_kernels import cpu_moe
 
 MOE_IMPLS = ("auto", "fused", "grouped", "padded", "loop", "ops")
 
 
 def fused_kernel():
     """The compiled `dora_kernels.cpu_moe` module, or None where it cannot be built."""
-    from dora_kernels import cpu_moe
-
     return cpu_moe.load()
 
 
 def fused_supported(x_ND: torch.Tensor, gate_up_EDF: torch.Tensor) -> bool:
     return (x_ND.device.type == "cpu" and x_ND.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and gate_up_EDF.is_contiguous() and fused_kernel() is not None)
+            and gate_up_EDF.is_contiguous() and cpu_moe.load() is not None)
 
 
 def grouped_supported(x_ND: torch.Tensor, gate_up_EDF: torch.Tensor, down_EID: torch.Tensor) -> bool:
@@ -164,10 +163,8 @@ def moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tens
             few = ids_NK.numel() < gate_up_EDF.shape[0]
             impl = "grouped" if not few and grouped_supported(x_ND, gate_up_EDF, down_EID) else "loop"
     if impl == "fused":
-        kernel = fused_kernel()
+        kernel = cpu_moe.load()
         if kernel is None:
-            from dora_kernels import cpu_moe
-
             raise RuntimeError(f"moe impl 'fused' needs the dora_kernels.cpu_moe kernel, which could not be "
                                f"built here: {cpu_moe.load_error()}")
         return kernel.moe_experts(x_ND, ids_NK, weights_NK.to(x_ND.dtype), gate_up_EDF, down_EID)
