@@ -23,6 +23,7 @@ from dora.data.prompt_source import PromptSource
 from dora.data.tokenizer import Tokenizer
 from dora.models.io import save_model
 from dora.models.model import DecoderLM
+from dora.runtime.allocator import tune_malloc
 from dora.runtime import checkpoint as ckpt
 from dora.runtime.components import build_engines, build_model, build_rewards, build_scheduler, build_tokenizer
 from dora.runtime.loop import Stages, TrainLoop, TrainSummary
@@ -59,6 +60,8 @@ class LocalTrainer:
 
 def build_inline_stages(cfg: RunConfig) -> Stages:
     start = time.monotonic()
+    if cfg.runtime.tune_malloc:
+        tune_malloc()  # before any stage starts a thread
     torch.set_num_threads(max(cfg.runtime.engine_threads, cfg.runtime.trainer_threads))
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)

@@ -36,6 +36,7 @@ from dora.engines.base import Engine, EngineStats
 from dora.engines.config import EngineConfig
 from dora.models.config import ModelConfig
 from dora.models.io import save_model
+from dora.runtime import allocator
 from dora.runtime import checkpoint as ckpt
 from dora.runtime.components import build_engine, build_model, build_tokenizer
 from dora.sync.base import SyncConfig, SyncRole, SyncTimeout, build_channel
@@ -54,7 +55,10 @@ _END = object()  # end of the engine's finished() stream
 class EngineActor:
     """One engine (`engine.kind`) in its own process, fed with weights by the sync channel."""
 
-    def __init__(self, engine_config: EngineConfig, sync: SyncConfig, num_threads: int) -> None:
+    def __init__(self, engine_config: EngineConfig, sync: SyncConfig, num_threads: int,
+                 tune_malloc: bool = True) -> None:
+        if tune_malloc:
+            allocator.tune_malloc()
         torch.set_num_threads(num_threads)
         self.engine_config = engine_config
         self.engine_id = engine_config.engine_id
@@ -236,6 +240,8 @@ class TrainerActor:
     """The model, the `Trainer` and the writer side of the sync channel, in their own process."""
 
     def __init__(self, cfg: RunConfig, sync: SyncConfig) -> None:
+        if cfg.runtime.tune_malloc:
+            allocator.tune_malloc()
         torch.set_num_threads(cfg.runtime.trainer_threads)
         torch.manual_seed(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)

@@ -65,6 +65,7 @@ import torch
 from dora.config import RunConfig
 from dora.data.prompt_source import PromptSource
 from dora.engines.base import EngineStats, GroupHandle
+from dora.runtime.allocator import tune_malloc
 from dora.runtime.components import (
     build_rewards,
     build_scheduler,
@@ -281,6 +282,8 @@ def build_ray_stages(cfg: RunConfig, sync: SyncConfig, actors: RayActors, timing
     start = time.monotonic()
     rt = cfg.runtime
     check_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
+    if rt.tune_malloc:
+        tune_malloc()
     torch.set_num_threads(rt.engine_threads)
     torch.manual_seed(cfg.seed)
     # No per-actor runtime_env: such actors need workers of their own (~2 s more start-up here).
@@ -289,7 +292,7 @@ def build_ray_stages(cfg: RunConfig, sync: SyncConfig, actors: RayActors, timing
         num_cpus=rt.ray_engine_cpus, max_restarts=0)
     # Processes start in parallel: the engines import torch while the trainer builds the model.
     actors.trainer = trainer_cls.remote(cfg, sync)
-    actors.engines = [engine_cls.remote(engine_config(cfg, i), sync, rt.engine_threads) for i in range(rt.num_engines)]
+    actors.engines = [engine_cls.remote(engine_config(cfg, i), sync, rt.engine_threads, rt.tune_malloc) for i in range(rt.num_engines)]
     tokenizer = build_tokenizer(cfg)
     source = PromptSource(cfg.data, tokenizer)
     model_config = _get(actors.trainer.model_config.remote(), sync.timeout_s + 60.0, "the trainer actor to start")
