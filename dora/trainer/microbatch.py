@@ -2,9 +2,10 @@
 
 A trajectory is fed as `prompt + response[:-1]` (the last sampled token is never fed, matching the
 engine's routing record) and scored on its response tokens: response token j is predicted at
-position P - 1 + j. Trajectories are sorted by length (longest first) and packed greedily into
-right-padded micro-batches of at most `max_tokens` padded tokens (rows x longest row); a trajectory
-longer than the budget gets a micro-batch of its own (never dropped or truncated).
+position P - 1 + j. Trajectories are sorted by length (longest first) and cut into right-padded
+micro-batches of at most `max_tokens` padded tokens (rows x longest row) at the points that waste
+the least padding; a trajectory longer than the budget gets a micro-batch of its own (never dropped or
+truncated).
 
 Each micro-batch also carries the per-token fields the loss needs (behavior log-probs, advantages,
 aggregation weights, ...) concatenated in the same token order as the scored positions, so the loss
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dora.types import Trajectory
@@ -70,22 +72,45 @@ def fed_length(traj: Trajectory) -> int:
     return len(traj.prompt_ids) + traj.num_tokens - 1
 
 
-def plan_microbatches(fed_lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+# What one more micro-batch costs (op dispatch, one more pass over the weights), in padded tokens.
+# Tiny-recipe train steps (128 sequences of 20-110 tokens, budget 4096, one core): 0.67 s with the
+# greedy fill this replaced (2 micro-batches, 54% padding), 0.58 s at the fewest micro-batches, 0.49-0.50 s
+# at 64-128 (5-7 micro-batches), 0.53 s at 32, 0.69 s at 0 (31 micro-batches).
+MICROBATCH_OVERHEAD_TOKENS = 128
+
+
+def plan_microbatches(fed_lengths: Sequence[int], max_tokens: int, *,
+                      overhead_tokens: int = MICROBATCH_OVERHEAD_TOKENS) -> list[list[int]]:
     """Group indices into micro-batches of at most `max_tokens` padded tokens, longest first.
 
-    Deterministic: ties in length keep index order. A sequence over the budget goes alone.
+    Sequences sorted by length (longest first, ties in index order) are cut into consecutive runs
+    that minimise padded tokens (rows x longest row) + `overhead_tokens` per micro-batch: an exact
+    dynamic programme over the cut points, so rows of very different lengths are not padded to one
+    another just because the budget had room. A sequence over the budget goes alone. Deterministic.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens_per_microbatch must be >= 1, got {max_tokens}")
     order = sorted(range(len(fed_lengths)), key=lambda i: (-fed_lengths[i], i))
+    lengths = np.array([fed_lengths[i] for i in order], dtype=np.int64)
+    n = len(order)
+    # cost[j]: cheapest plan of the first j sorted sequences; cut[j]: where its last micro-batch starts.
+    cost, cut = np.zeros(n + 1, dtype=np.int64), np.zeros(n + 1, dtype=np.int64)
+    first = 0  # earliest start that keeps the last micro-batch within budget; only moves forward with j
+    for j in range(1, n + 1):
+        while first < j - 1 and (j - first) * lengths[first] > max_tokens:
+            first += 1
+        starts = np.arange(first, j)
+        # The last micro-batch is lengths[i:j]; its first (longest) row sets the padded length.
+        totals = cost[first:j] + (j - starts) * lengths[first:j] + overhead_tokens
+        best = int(np.argmin(totals))  # ties: the earliest start, i.e. fewer micro-batches
+        cost[j], cut[j] = totals[best], first + best
     plans: list[list[int]] = []
-    for i in order:
-        # Sorted longest first, so the first row of a micro-batch sets its padded length.
-        if plans and (len(plans[-1]) + 1) * fed_lengths[plans[-1][0]] <= max_tokens:
-            plans[-1].append(i)
-        else:
-            plans.append([i])
-    return plans
+    j = n
+    while j > 0:
+        start = int(cut[j])
+        plans.append(order[start:j])
+        j = start
+    return plans[::-1]
 
 
 def build_microbatch(trajectories: Sequence[Trajectory], traj_indices: list[int],

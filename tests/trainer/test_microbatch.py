@@ -17,6 +17,34 @@ def test_plan_covers_each_index_once_within_budget(lengths, budget):
         assert padded <= budget or len(plan) == 1  # an over-long sequence goes alone, never dropped
 
 
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=9), st.integers(1, 120), st.integers(0, 50))
+def test_plan_is_the_cheapest_cut_of_the_sorted_order(lengths, budget, overhead):
+    """Padded tokens + overhead per micro-batch equal the optimum over every way of cutting the
+    longest-first order into budget-respecting runs (enumerated here)."""
+    plans = plan_microbatches(lengths, budget, overhead_tokens=overhead)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    assert [i for plan in plans for i in plan] == order
+
+    def cost(runs):
+        return sum(len(run) * max(lengths[i] for i in run) + overhead for run in runs)
+
+    def best(start):  # cheapest cut of order[start:]
+        if start == len(order):
+            return 0
+        options = [len(order[start:end]) * lengths[order[start]] + overhead + best(end)
+                   for end in range(start + 1, len(order) + 1)
+                   if end - start == 1 or (end - start) * lengths[order[start]] <= budget]
+        return min(options)
+
+    assert cost(plans) == best(0)
+
+
+def test_plan_cuts_where_padding_is_wasted():
+    # Greedy filling would put 4 rows of 10 with 3 rows of 2 (70 padded tokens); two micro-batches cost 46 + 2 x 8.
+    assert plan_microbatches([10, 10, 10, 10, 2, 2, 2], 100, overhead_tokens=8) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert plan_microbatches([10, 10, 10, 10, 2, 2, 2], 100, overhead_tokens=40) == [[0, 1, 2, 3, 4, 5, 6]]
+
+
 def _traj(prompt, response, routing=True):
     fed = len(prompt) + len(response) - 1
     return Trajectory(group_id=0, sample_idx=0, prompt_id=0, prompt_ids=prompt, response_ids=response,
