@@ -1,10 +1,9 @@
-"""Package layout: `dora` plus the top-level `kernels/` folder installed as `dora_kernels`
-(so it cannot shadow the unrelated `kernels` distribution)."""
+"""Package layout: `dora` and `dora_kernels` (hot kernels, with their C++ sources as package data).
+The kernels folder is named after its package: a top-level `kernels/` folder would shadow the
+unrelated `kernels` distribution (which transformers imports) wherever the checkout is on sys.path."""
 from setuptools import find_packages, setup
 
-kernel_packages = ["dora_kernels" + name[len("kernels"):] for name in find_packages(include=["kernels", "kernels.*"])]
 setup(
-    packages=find_packages(include=["dora", "dora.*"]) + kernel_packages,
-    package_dir={"dora_kernels": "kernels"},
+    packages=find_packages(include=["dora", "dora.*", "dora_kernels", "dora_kernels.*"]),
     package_data={"dora_kernels": ["cpu/*.cpp"]},
 )

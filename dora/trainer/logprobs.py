@@ -9,7 +9,7 @@ targets and one log-sum-exp per token.
 Temperature follows the engine (see `SamplingParams`): log-probs are those of
 `log_softmax(logits / temperature)` (temperature 0, greedy, is treated as 1).
 
-This is the pure-torch reference for a fused kernel in `kernels/`: a kernel must match
+This is the pure-torch reference for a fused kernel in `dora_kernels/`: a kernel must match
 `chunked_logprobs` values and gradients, which the tests check against `naive_logprobs`.
 
 Shape legend: N = tokens, D = hidden size, V = vocabulary, C = tokens in one chunk.

@@ -1,4 +1,4 @@
-"""The fused CPU MoE experts kernel (`kernels/cpu/moe_experts.cpp`), built with torch's C++ extension
+"""The fused CPU MoE experts kernel (`dora_kernels/cpu/moe_experts.cpp`), built with torch's C++ extension
 tooling on first use and cached by torch (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions).
 
     python -m dora_kernels.cpu_moe          # build now (make setup does; ~25 s with gcc, once)

@@ -1,4 +1,4 @@
-"""Hot kernels for dora (installed as `dora_kernels`).
+"""Hot kernels for dora.
 
 Each kernel ships with a pure-torch reference, a fast path chosen automatically and a parity test.
 The torch references live next to their callers:
