@@ -52,6 +52,10 @@ def run(cfg: RunConfig, run_dir: Path):
         from dora.runtime.ray_runtime import train_ray
 
         return train_ray(cfg, run_dir)
+    if cfg.runtime.kind.value == "local":
+        from dora.runtime.local import train_local
+
+        return train_local(cfg, run_dir)
     from dora.runtime.inline import train_inline
 
     return train_inline(cfg, run_dir)

@@ -69,6 +69,8 @@ class SamplingConfig:
 class RuntimeKind(str, enum.Enum):
     inline = "inline"
     """Every stage in this process: engines on worker threads, the trainer on another."""
+    local = "local"
+    """As inline, with the trainer in a child process: no interpreter lock shared with the engines."""
     ray = "ray"
     """Engines, trainer and reward workers as Ray actors (a local cluster or `ray job submit`)."""
 

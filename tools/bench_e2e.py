@@ -5,13 +5,16 @@ seeds and number of trained samples in every mode; only the rollout configuratio
     python tools/bench_e2e.py --quick                          # 1 seed, fewer steps (< 5 minutes)
 
 Modes (each in its best arrangement of this machine's 2 cores):
-- sync: k = 0, generation and training alternate. One torch thread per phase is its best
-  arrangement here: at this model size a second intra-op thread makes both phases slower, which
-  `sync_2threads` (both cores per phase) measures beside it;
+- sync: k = 0, generation and training alternate in one process (`runtime=inline`). One torch
+  thread per phase is its best arrangement here: at this model size a second intra-op thread makes
+  both phases slower (`sync_2threads`, both cores per phase), and a trainer process of its own only
+  adds the hand-over of batches and weights (`sync_local`);
 - one_step_off: k = 1, one version per engine, whole-batch admission waves (generation of the next
-  batch overlaps training, one thread each);
-- dora_k1 / dora_k2: multi-version streaming, k = 1 / 2, generation and training overlapped on
-  one core each (1 torch thread per stage).
+  batch overlaps training);
+- dora_k1 / dora_k2: multi-version streaming, k = 1 / 2.
+The overlapped modes run with `runtime=local` (engine in this process, trainer in a child process,
+one torch thread each): in one process the engine's decode loop and the train step share the
+interpreter lock, which `dora_k2_inline` measures beside them.
 Partial rollout needs an engine that swaps weights under running sequences, which dora's engines
 refuse by design (one version per trajectory); it is measured in `tools/simulate.py` only.
 
@@ -33,19 +36,21 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dora.cli import compose_config
+from dora.cli import compose_config, run
 from dora.config import config_to_dict
-from dora.runtime.inline import train_inline
 from dora.telemetry.metrics import read_jsonl
 
 # The recipe (grpo_tiny) pins k and versions per engine in its body, so every mode states both.
+SYNC = ["rollout=synchronous", "rollout.max_staleness=0", "rollout.max_live_versions=1"]
+DORA_K2 = ["rollout=multi_version", "rollout.max_staleness=2", "rollout.max_live_versions=2"]
 MODES: dict[str, list[str]] = {
-    "sync": ["rollout=synchronous", "rollout.max_staleness=0", "rollout.max_live_versions=1"],
-    "sync_2threads": ["rollout=synchronous", "rollout.max_staleness=0", "rollout.max_live_versions=1",
-                      "runtime.engine_threads=2", "runtime.trainer_threads=2"],
-    "one_step_off": ["rollout=one_step_off", "rollout.max_staleness=1", "rollout.max_live_versions=1"],
-    "dora_k1": ["rollout=multi_version", "rollout.max_staleness=1", "rollout.max_live_versions=2"],
-    "dora_k2": ["rollout=multi_version", "rollout.max_staleness=2", "rollout.max_live_versions=2"],
+    "sync": SYNC,
+    "sync_2threads": [*SYNC, "runtime.engine_threads=2", "runtime.trainer_threads=2"],
+    "sync_local": [*SYNC, "runtime=local"],
+    "one_step_off": ["rollout=one_step_off", "rollout.max_staleness=1", "rollout.max_live_versions=1", "runtime=local"],
+    "dora_k1": ["rollout=multi_version", "rollout.max_staleness=1", "rollout.max_live_versions=2", "runtime=local"],
+    "dora_k2": [*DORA_K2, "runtime=local"],
+    "dora_k2_inline": DORA_K2,
 }
 
 
@@ -70,7 +75,7 @@ def run_mode(mode: str, seed: int, common: list[str], out_dir: Path) -> dict[str
     run_dir = out_dir / f"{mode}_seed{seed}"
     cfg = compose_config("grpo_tiny", [*common, *MODES[mode], f"seed={seed}", f"data.seed={seed}",
                                        f"trainer.seed={seed}", f"logging.run_dir={run_dir}"])
-    summary = train_inline(cfg, run_dir)
+    summary = run(cfg, run_dir)  # the runtime the mode's config names
     rows = read_jsonl(summary.metrics_path)
     loop_s = rows[-1]["elapsed_s"]  # end of the last step, before the final evaluation
     engine_busy = sum(summary.extra["engine_busy_s"])

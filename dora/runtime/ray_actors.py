@@ -25,7 +25,6 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -35,14 +34,12 @@ from dora.config import RunConfig
 from dora.engines.base import Engine, EngineStats
 from dora.engines.config import EngineConfig
 from dora.models.config import ModelConfig
-from dora.models.io import save_model
 from dora.runtime import allocator
-from dora.runtime import checkpoint as ckpt
-from dora.runtime.components import build_engine, build_model, build_tokenizer
+from dora.runtime.components import build_engine
+from dora.runtime.local import TrainerService
 from dora.sync.base import SyncConfig, SyncRole, SyncTimeout, build_channel
 from dora.sync.receiver import SyncReceiver
-from dora.trainer.trainer import Trainer
-from dora.types import Batch, PolicyVersion, Trajectory
+from dora.types import PolicyVersion, Trajectory
 
 ENGINE_CONCURRENCY_GROUPS = {"load": 1, "sync": 1, "poll": 1}
 MAX_STAGED = 3
@@ -236,39 +233,16 @@ class EngineActor:
         return list(self.receiver.delivered)
 
 
-class TrainerActor:
+class TrainerActor(TrainerService):
     """The model, the `Trainer` and the writer side of the sync channel, in their own process."""
 
     def __init__(self, cfg: RunConfig, sync: SyncConfig) -> None:
-        if cfg.runtime.tune_malloc:
-            allocator.tune_malloc()
-        torch.set_num_threads(cfg.runtime.trainer_threads)
-        torch.manual_seed(cfg.seed)
-        self.tokenizer = build_tokenizer(cfg)
-        self.model = build_model(cfg, self.tokenizer)
-        self.trainer = Trainer(self.model, cfg.algorithm, cfg.trainer)
+        super().__init__(cfg)
         self.channel = build_channel(sync, SyncRole.writer)
-
-    def model_config(self) -> ModelConfig:
-        return self.model.config
-
-    def train_step(self, batch: Batch) -> dict[str, Any]:
-        return self.trainer.train_step(batch).to_dict()
 
     def publish(self, version: int) -> dict[str, float]:
         receipt = self.channel.publish(version, self.trainer.publish_weights(), step=version)
         return {"version": receipt.version, "nbytes": receipt.nbytes, "seconds": receipt.seconds}
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.trainer.publish_weights()
-
-    def save(self, folder: str) -> None:
-        save_model(self.model, Path(folder) / "model", tokenizer=self.tokenizer)
-        ckpt.save_state(Path(folder), "trainer", self.trainer.state_dict())
-
-    def restore(self, folder: str) -> None:
-        state, _ = ckpt.load_state(Path(folder), "trainer")
-        self.trainer.load_state_dict(state)
 
     def close(self) -> None:
         self.channel.close()
