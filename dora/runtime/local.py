@@ -13,7 +13,8 @@ Batches go to the child pickled by value (small tensors); weights come back as o
 shared memory (`dora.sync.layout`; `torch.multiprocessing` passes its file descriptor), viewed
 here without a copy, and the engines copy them when they load a version, as in `inline`. An exception in the child is raised
 again here with the child's traceback; a child that dies is reported with its exit code and the call
-it was serving; every wait has a timeout that names what it waited for.
+it was serving; every wait has a timeout that names what it waited for. As with any spawned
+process, a script that starts a local run must do so under `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -122,7 +123,11 @@ class ProcessTrainer:
     def model_config(self) -> ModelConfig:
         """Waits for the child to finish building the model (the first call only)."""
         if self._model_config is None:
-            self._model_config = self._receive(START_TIMEOUT_S, "the trainer process to start")
+            # A spawned child imports the parent's main script again: one whose run is not under
+            # `if __name__ == "__main__":` starts it a second time, which multiprocessing refuses.
+            self._model_config = self._receive(START_TIMEOUT_S, "the trainer process to start (its own error is "
+                                               "printed above; a script that starts a run must guard it with "
+                                               "`if __name__ == \"__main__\":`)")
         return self._model_config
 
     async def train_step(self, batch: Batch) -> dict[str, Any]:
