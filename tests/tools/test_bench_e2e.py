@@ -21,6 +21,7 @@ def test_bench_e2e_smoke(tmp_path):
         assert mode["trained_tokens_per_s"] > 0 and 0 <= mode["engine_idle_frac"] <= 1
         assert 0 <= mode["final_accuracy"] <= 1
     assert report["ratios_vs_sync"]["sync"] == 1.0
+    assert report["best_sync"] == "sync" and report["ratios_vs_best_sync"] == report["ratios_vs_sync"]
     assert set(report["modes"]["sync"]["staleness"]) == {"0"}, "k = 0 trained a stale sample"
     assert max(int(k) for k in report["modes"]["dora_k2"]["staleness"]) <= 2
     assert "rollout.max_staleness" in result.stdout  # the config diff between modes is printed
