@@ -20,6 +20,8 @@ process, a script that starts a local run must do so under `if __name__ == "__ma
 from __future__ import annotations
 
 import asyncio
+import copyreg
+import io
 import multiprocessing
 import pickle
 import time
@@ -29,6 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions for tensors)
 
@@ -40,7 +43,7 @@ from dora.runtime import checkpoint as ckpt
 from dora.runtime.allocator import tune_malloc
 from dora.runtime.components import build_engines, build_model, build_rewards, build_scheduler, build_tokenizer
 from dora.runtime.loop import Stages, TrainLoop, TrainSummary
-from dora.sync.layout import WeightLayout
+from dora.sync.layout import WeightLayout, dtype_from_name, dtype_name
 from dora.trainer.trainer import Trainer
 from dora.types import Batch
 
@@ -77,6 +80,10 @@ class TrainerService:
         layout.pack(weights, flat_N)
         return layout, flat_N
 
+    def train_step_and_pack(self, batch: Batch) -> tuple[dict[str, Any], WeightLayout, torch.Tensor]:
+        """A train step and the weights it made, in one reply (the loop publishes after every step)."""
+        return self.train_step(batch), *self.packed_weights()
+
     def save(self, folder: str) -> None:
         save_model(self.model, Path(folder) / "model", tokenizer=self.tokenizer)
         ckpt.save_state(Path(folder), "trainer", self.trainer.state_dict())
@@ -84,6 +91,31 @@ class TrainerService:
     def restore(self, folder: str) -> None:
         state, _ = ckpt.load_state(Path(folder), "trainer")
         self.trainer.load_state_dict(state)
+
+
+def _rebuild_tensor(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(raw).view(dtype_from_name(dtype)).reshape(shape)
+
+
+def _reduce_tensor(tensor: torch.Tensor) -> tuple:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return _rebuild_tensor, (flat.view(torch.uint8).numpy(), dtype_name(tensor.dtype), tuple(tensor.shape))
+
+
+class _RequestPickler(pickle.Pickler):
+    """Requests (batches) by value, tensors as raw bytes: torch's own pickling costs ~65 us a tensor
+    (12 ms to write and 17 ms to read a 128-trajectory batch, against 2.5 ms here); sharing each one
+    through shared memory would cost a segment and a file descriptor per tensor."""
+
+    dispatch_table = copyreg.dispatch_table.copy()
+    dispatch_table[torch.Tensor] = _reduce_tensor
+    dispatch_table[torch.nn.Parameter] = _reduce_tensor
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _RequestPickler(buffer, protocol=4).dump(obj)  # protocol 4: arrays come back writable
+    return buffer.getvalue()
 
 
 def _serve(conn: Connection, cfg: RunConfig) -> None:
@@ -118,6 +150,7 @@ class ProcessTrainer:
         child_conn.close()
         self._lock = asyncio.Lock()
         self._model_config: ModelConfig | None = None
+        self._stepped: dict[str, torch.Tensor] | None = None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -131,10 +164,14 @@ class ProcessTrainer:
         return self._model_config
 
     async def train_step(self, batch: Batch) -> dict[str, Any]:
-        return await self._call("train_step", (batch,), self.step_timeout_s, f"train step {batch.step}")
+        metrics, layout, flat_N = await self._call("train_step_and_pack", (batch,), self.step_timeout_s,
+                                                   f"train step {batch.step}")
+        self._stepped = layout.views(flat_N)  # what publish() hands out next: saves it a round trip
+        return metrics
 
     async def publish(self, version: int) -> Mapping[str, torch.Tensor]:
-        return await self._weights(f"the weights of version {version}")
+        weights, self._stepped = self._stepped, None
+        return weights if weights is not None else await self._weights(f"the weights of version {version}")
 
     async def weights(self) -> Mapping[str, torch.Tensor]:
         return await self._weights("the trainer's weights")
@@ -147,13 +184,14 @@ class ProcessTrainer:
         await self._call("save", (str(folder),), self.step_timeout_s, f"the trainer to save {folder}")
 
     async def restore(self, folder: Path) -> None:
+        self._stepped = None
         await self._call("restore", (str(folder),), self.step_timeout_s, f"the trainer to restore {folder}")
 
     def close(self) -> None:
         if not self._process.is_alive():
             return
         try:
-            self._conn.send_bytes(pickle.dumps(("close", ())))
+            self._conn.send_bytes(_dumps(("close", ())))
             self._receive(30.0, "the trainer process to close")
         except (RuntimeError, TimeoutError, OSError):
             pass  # already failed or dying: it is terminated below either way
@@ -167,9 +205,7 @@ class ProcessTrainer:
     async def _call(self, method: str, args: tuple, timeout_s: float, what: str) -> Any:
         _ = self.model_config  # started (normally long done: the stages were built meanwhile)
         async with self._lock:  # one request at a time on the pipe
-            # Batches by value with the plain pickler: a tensor per trajectory field through shared
-            # memory would cost a segment and a file descriptor each.
-            payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _dumps((method, args))
             return await asyncio.to_thread(self._roundtrip, payload, timeout_s, what)
 
     def _roundtrip(self, payload: bytes, timeout_s: float, what: str) -> Any:
