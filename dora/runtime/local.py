@@ -9,12 +9,13 @@ lock. With the tiny model on two cores, an engine thread beside the trainer made
 took 0.54 s and the engine 12.9K tokens/s. Nothing else changes: the same `TrainLoop`, scheduler,
 engines and rewards as `inline`, no Ray (no cluster start-up, no extra processes beyond the child).
 
-Batches go to the child pickled by value (small tensors); weights come back as one flat buffer in
-shared memory (`dora.sync.layout`; `torch.multiprocessing` passes its file descriptor), viewed
-here without a copy, and the engines copy them when they load a version, as in `inline`. An exception in the child is raised
-again here with the child's traceback; a child that dies is reported with its exit code and the call
-it was serving; every wait has a timeout that names what it waited for. As with any spawned
-process, a script that starts a local run must do so under `if __name__ == "__main__":`.
+Batches go to the child pickled by value (tensors as raw bytes); weights come back with each step's
+reply as one flat buffer in shared memory (`dora.sync.layout`; `torch.multiprocessing` passes its
+file descriptor), viewed here without a copy, and the engines copy them when they load a version,
+as in `inline`. An exception in the child is raised again here with the child's traceback; a child
+that dies is reported with its exit code and the call it was serving; every wait has a timeout that
+names what it waited for. As with any spawned process, a script that starts a local run must do so
+under `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ def _serve(conn: Connection, cfg: RunConfig) -> None:
         conn.send(("error", e, traceback.format_exc()))
         return
     while True:
-        method, args = pickle.loads(conn.recv_bytes())
+        try:
+            method, args = pickle.loads(conn.recv_bytes())
+        except EOFError:  # the parent is gone (killed): nothing left to serve
+            return
         if method == "close":
             conn.send(("ok", None))
             return
