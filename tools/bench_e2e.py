@@ -5,10 +5,10 @@ seeds and number of trained samples in every mode; only the rollout configuratio
     python tools/bench_e2e.py --quick                          # 1 seed, fewer steps (< 5 minutes)
 
 Modes (each in its best arrangement of this machine's 2 cores):
-- sync: k = 0, generation and training alternate in one process (`runtime=inline`). One torch
-  thread per phase is its best arrangement here: at this model size a second intra-op thread makes
-  both phases slower (`sync_2threads`, both cores per phase), and a trainer process of its own only
-  adds the hand-over of batches and weights (`sync_local`);
+- sync / sync_2threads / sync_local: k = 0, generation and training alternate: in one process with
+  one torch thread per phase, with both cores per phase (at this model size a second intra-op
+  thread makes both phases slower), and with the trainer in a process of its own (`runtime=local`).
+  Ratios are reported against `sync` and against the fastest of the three (`best_sync`);
 - one_step_off: k = 1, one version per engine, whole-batch admission waves (generation of the next
   batch overlaps training);
 - dora_k1 / dora_k2: multi-version streaming, k = 1 / 2.

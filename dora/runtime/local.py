@@ -44,7 +44,7 @@ from dora.runtime import checkpoint as ckpt
 from dora.runtime.allocator import tune_malloc
 from dora.runtime.components import build_engines, build_model, build_rewards, build_scheduler, build_tokenizer
 from dora.runtime.loop import Stages, TrainLoop, TrainSummary
-from dora.sync.layout import WeightLayout, dtype_from_name, dtype_name
+from dora.sync.layout import WeightLayout, as_bytes, dtype_from_name, dtype_name
 from dora.trainer.trainer import Trainer
 from dora.types import Batch
 
@@ -99,8 +99,7 @@ def _rebuild_tensor(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torc
 
 
 def _reduce_tensor(tensor: torch.Tensor) -> tuple:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return _rebuild_tensor, (flat.view(torch.uint8).numpy(), dtype_name(tensor.dtype), tuple(tensor.shape))
+    return _rebuild_tensor, (as_bytes(tensor.cpu()).numpy(), dtype_name(tensor.dtype), tuple(tensor.shape))
 
 
 class _RequestPickler(pickle.Pickler):

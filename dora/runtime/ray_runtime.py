@@ -292,7 +292,8 @@ def build_ray_stages(cfg: RunConfig, sync: SyncConfig, actors: RayActors, timing
         num_cpus=rt.ray_engine_cpus, max_restarts=0)
     # Processes start in parallel: the engines import torch while the trainer builds the model.
     actors.trainer = trainer_cls.remote(cfg, sync)
-    actors.engines = [engine_cls.remote(engine_config(cfg, i), sync, rt.engine_threads, rt.tune_malloc) for i in range(rt.num_engines)]
+    actors.engines = [engine_cls.remote(engine_config(cfg, i), sync, rt.engine_threads, rt.tune_malloc)
+                      for i in range(rt.num_engines)]
     tokenizer = build_tokenizer(cfg)
     source = PromptSource(cfg.data, tokenizer)
     model_config = _get(actors.trainer.model_config.remote(), sync.timeout_s + 60.0, "the trainer actor to start")
