@@ -64,6 +64,41 @@ class SeqState:
 
 
 @dataclass(slots=True)
+class SeqRecord:
+    """One running sample on its way to another engine: its slot's rows up to `length` and where
+    its sampler stands (the sampler is a pure function of (seed, num_generated))."""
+
+    sample_idx: int
+    seed: int
+    length: int
+    num_generated: int
+    first_token_at: float
+    tokens_M: torch.Tensor
+    logprobs_M: torch.Tensor
+    kv_LMCD: torch.Tensor
+    routing_MLK: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class MigratingGroup:
+    """What `Scheduler.export_group` takes out of an engine and `import_group` puts into another one
+    (CPU tensors, picklable). `seqs` is None for a group whose prompt was not prefilled yet: it
+    starts over on the other engine (same seeds, so the same samples)."""
+
+    group: PromptGroup
+    version: int
+    sampling: SamplingParams
+    base_seed: int
+    queued_at: float
+    stop_ids: frozenset[int]
+    seqs: list[SeqRecord] | None
+
+    @property
+    def num_samples(self) -> int:
+        return self.group.num_samples if self.seqs is None else len(self.seqs)
+
+
+@dataclass(slots=True)
 class StepPlan:
     inputs: StepInputs
     sampling: SamplingBatch
@@ -120,16 +155,20 @@ class Scheduler:
         self.prefilling: list[GroupState] = []
         self.decoding: dict[int, list[SeqState]] = {}
         """version -> sequences producing tokens, in slot order."""
+        self.arriving: collections.deque[MigratingGroup] = collections.deque()
+        """Migrated groups waiting for free slots (admitted before any waiting group)."""
 
     # ------------------------------------------------------------------ queries
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or any(self.decoding.values()))
+        return bool(self.waiting or self.prefilling or self.arriving or any(self.decoding.values()))
 
     def running_per_version(self) -> dict[int, int]:
         counts = {v: len(seqs) for v, seqs in self.decoding.items() if seqs}
         for g in self.prefilling:
             counts[g.version] = counts.get(g.version, 0) + len(g.seqs)
+        for m in self.arriving:
+            counts[m.version] = counts.get(m.version, 0) + m.num_samples
         return counts
 
     def num_waiting_seqs(self) -> int:
@@ -138,6 +177,10 @@ class Scheduler:
     # ------------------------------------------------------------------ planning
 
     def _admit(self, budget_left: int) -> None:
+        while self.arriving and self.slots.num_free >= len(self.arriving[0].seqs or ()):
+            self._place_arrived(self.arriving.popleft())
+        if self.arriving:
+            return  # arrived groups first: they hold KV caches and were admitted before any waiting group
         while self.waiting and budget_left > 0 and self.slots.num_free >= self.waiting[0].group.num_samples:
             g = self.waiting.popleft()
             slots = self.slots.allocate(g.group.num_samples)
@@ -334,7 +377,78 @@ class Scheduler:
             if mine:
                 self.decoding[version] = [s for s in seqs if s.group.group.group_id != group_id]
                 return mine
+        for m in self.arriving:
+            if m.group.group_id == group_id:
+                self.arriving.remove(m)
+                g = GroupState(group=m.group, version=m.version, sampling=m.sampling, base_seed=m.base_seed,
+                               queued_at=m.queued_at, stop_ids=m.stop_ids)
+                return [SeqState(group=g, sample_idx=r.sample_idx, slot=-1, seed=r.seed, length=r.length,
+                                 num_generated=r.num_generated) for r in m.seqs or ()]
         return None
+
+    # ------------------------------------------------------------------ migration
+
+    def export_group(self, group_id: int) -> MigratingGroup | None:
+        """Take every sample of `group_id` still held here out of the schedule, with what its slots
+        hold (copied to the CPU; the slots are freed); None if the engine does not hold it."""
+        for g in [*self.waiting, *self.prefilling]:
+            if g.group.group_id == group_id:
+                if g in self.waiting:
+                    self.waiting.remove(g)
+                else:
+                    self.prefilling.remove(g)
+                    for seq in g.seqs:
+                        self.release(seq)
+                return MigratingGroup(g.group, g.version, g.sampling, g.base_seed, g.queued_at, g.stop_ids, None)
+        for m in self.arriving:
+            if m.group.group_id == group_id:
+                self.arriving.remove(m)
+                return m
+        for version, seqs in self.decoding.items():
+            mine = [s for s in seqs if s.group.group.group_id == group_id]
+            if not mine:
+                continue
+            self.decoding[version] = [s for s in seqs if s.group.group.group_id != group_id]
+            c = self.cache
+            records = []
+            for s in mine:
+                n = s.length
+                routing = None if c.routing_SMLK is None else c.routing_SMLK[s.slot, :n].to("cpu", copy=True)
+                records.append(SeqRecord(s.sample_idx, s.seed, n, s.num_generated, s.first_token_at,
+                                         c.tokens_SM[s.slot, :n].to("cpu", copy=True),
+                                         c.logprobs_SM[s.slot, :n].to("cpu", copy=True),
+                                         c.kv_LSMCD[:, s.slot, :n].to("cpu", copy=True), routing))
+                self.release(s)
+            g = mine[0].group
+            return MigratingGroup(g.group, g.version, g.sampling, g.base_seed, g.queued_at, g.stop_ids, records)
+        return None
+
+    def import_group(self, m: MigratingGroup) -> None:
+        """Take over a group exported by another engine: a group not prefilled yet waits first in
+        line; running samples go on decoding from their records once slots are free."""
+        if m.seqs is None:
+            self.waiting.appendleft(GroupState(group=m.group, version=m.version, sampling=m.sampling,
+                                               base_seed=m.base_seed, queued_at=m.queued_at, stop_ids=m.stop_ids))
+        elif m.seqs:
+            self.arriving.append(m)
+
+    def _place_arrived(self, m: MigratingGroup) -> None:
+        assert m.seqs is not None
+        c = self.cache
+        g = GroupState(group=m.group, version=m.version, sampling=m.sampling, base_seed=m.base_seed,
+                       queued_at=m.queued_at, prefilled=len(m.group.prompt_ids), stop_ids=m.stop_ids)
+        for rec, slot in zip(m.seqs, self.slots.allocate(len(m.seqs))):
+            n = rec.length
+            c.tokens_SM[slot, :n] = rec.tokens_M.to(c.tokens_SM.device)
+            c.logprobs_SM[slot, :n] = rec.logprobs_M.to(c.logprobs_SM.device)
+            c.kv_LSMCD[:, slot, :n] = rec.kv_LMCD.to(device=c.kv_LSMCD.device, dtype=c.kv_LSMCD.dtype)
+            if c.routing_SMLK is not None and rec.routing_MLK is not None:
+                c.routing_SMLK[slot, :n] = rec.routing_MLK.to(c.routing_SMLK.device)
+            g.seqs.append(SeqState(group=g, sample_idx=rec.sample_idx, slot=slot, seed=rec.seed, length=n,
+                                   num_generated=rec.num_generated, first_token_at=rec.first_token_at))
+        decoding = self.decoding.setdefault(m.version, [])
+        decoding.extend(g.seqs)
+        decoding.sort(key=lambda s: s.slot)
 
     def release(self, seq: SeqState) -> None:
         if seq.slot >= 0:

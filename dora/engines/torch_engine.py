@@ -23,6 +23,7 @@ v, weights)` so the copy stays off the event loop.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import random
 import threading
 import time
@@ -35,7 +36,7 @@ from dora.engines.base import EngineStats, GroupHandle, TrajectoryStream, check_
 from dora.engines.config import EngineConfig
 from dora.engines.kv_cache import SlotCache
 from dora.engines.sampler import sample
-from dora.engines.scheduler import GroupState, Scheduler, SeqState
+from dora.engines.scheduler import GroupState, MigratingGroup, Scheduler, SeqState
 from dora.engines.torch_forward import PackedForward
 from dora.engines.versions import LiveVersions, VersionWeights, prepare_version
 from dora.models.config import DTYPES, ModelConfig
@@ -78,6 +79,8 @@ class TorchEngine:
         self._live = LiveVersions.build([])
         self._inbox: list[GroupState] = []
         self._aborts: list[int] = []
+        self._exports: list[tuple[int, concurrent.futures.Future[MigratingGroup | None]]] = []
+        self._imports: list[MigratingGroup] = []
         self._group_remaining: dict[int, int] = {}  # group_id -> samples not yet returned
         self._active_per_version: collections.Counter[int] = collections.Counter()
 
@@ -157,9 +160,62 @@ class TorchEngine:
                 self._aborts.append(group_id)
                 self._wake.notify()
 
+    # ------------------------------------------------------------------ migration
+
+    def export_group(self, group_id: int, timeout: float | None = 60.0) -> MigratingGroup | None:
+        """Take the samples of `group_id` still held here out of this engine, with their KV cache,
+        tokens, log-probs and routing record (None if it holds none of them: they all finished and
+        stream back from here). With the background worker running, this waits for the step in
+        progress to end (the worker hands the group over between two steps)."""
+        if self._worker is None:
+            return self._export(group_id)
+        future: concurrent.futures.Future[MigratingGroup | None] = concurrent.futures.Future()
+        with self._lock:
+            self._exports.append((group_id, future))
+            self._wake.notify()
+        return future.result(timeout)
+
+    def import_group(self, group: MigratingGroup) -> None:
+        """Go on with a group another engine exported (`export_group`): same version, same samples;
+        its running samples resume from their records as soon as slots are free."""
+        where = f"group {group.group.group_id} (prompt {group.group.prompt_id})"
+        with self._lock:
+            if group.version not in self._live:
+                raise ValueError(f"{where}: migrated on version {group.version}, which is not live on engine"
+                                 f" {self.engine_id}; live: {list(self._live.versions)}")
+            if group.group.group_id in self._group_remaining:
+                raise ValueError(f"{where}: group_id {group.group.group_id} is already running on engine"
+                                 f" {self.engine_id}")
+            if group.num_samples:
+                self._imports.append(group)
+                self._group_remaining[group.group.group_id] = group.num_samples
+                self._active_per_version[group.version] += group.num_samples
+                self._wake.notify()
+
+    def _export(self, group_id: int) -> MigratingGroup | None:
+        """In the stepping thread: hand the group over (once the inbox and imports reached the schedule)."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            imports, self._imports = self._imports, []
+        self._scheduler.waiting.extend(inbox)
+        for group in imports:
+            self._scheduler.import_group(group)
+        moving = self._scheduler.export_group(group_id)
+        if moving is not None:
+            with self._lock:
+                self._active_per_version[moving.version] -= moving.num_samples
+                left = self._group_remaining[group_id] - moving.num_samples
+                assert left >= 0, f"group {group_id}: exported more samples than the engine held"
+                if left:
+                    self._group_remaining[group_id] = left
+                else:
+                    del self._group_remaining[group_id]
+                self._snapshot = self._schedule_snapshot()
+        return moving
+
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._inbox or self._aborts) or self._snapshot[0]
+            return bool(self._inbox or self._aborts or self._exports or self._imports) or self._snapshot[0]
 
     # ------------------------------------------------------------------ stepping
 
@@ -174,8 +230,17 @@ class TorchEngine:
             live = self._live
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
+            imports, self._imports = self._imports, []
+            exports, self._exports = self._exports, []
         sched = self._scheduler
         sched.waiting.extend(inbox)
+        for group in imports:
+            sched.import_group(group)
+        for group_id, future in exports:
+            try:
+                future.set_result(self._export(group_id))
+            except BaseException as e:  # re-raised in the caller of export_group
+                future.set_exception(e)
         finished: list[tuple[SeqState, FinishReason]] = []
         for group_id in aborts:
             seqs = sched.remove_group(group_id)
@@ -207,9 +272,12 @@ class TorchEngine:
                 self._group_remaining[t.group_id] -= 1
                 if not self._group_remaining[t.group_id]:
                     del self._group_remaining[t.group_id]
-            self._snapshot = (sched.has_work(), sched.running_per_version(), sched.num_waiting_seqs(),
-                              sched.slots.num_used)
+            self._snapshot = self._schedule_snapshot()
         return trajectories
+
+    def _schedule_snapshot(self) -> tuple[bool, dict[int, int], int, int]:
+        sched = self._scheduler
+        return sched.has_work(), sched.running_per_version(), sched.num_waiting_seqs(), sched.slots.num_used
 
     # ------------------------------------------------------------------ background worker + async stream
 
@@ -225,7 +293,8 @@ class TorchEngine:
         try:
             while True:
                 with self._lock:
-                    while not (self._closing or self._inbox or self._aborts or self._snapshot[0]):
+                    while not (self._closing or self._inbox or self._aborts or self._exports or self._imports
+                               or self._snapshot[0]):
                         self._wake.wait()
                     if self._closing:
                         return
