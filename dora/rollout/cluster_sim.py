@@ -17,7 +17,10 @@ how long things take on the simulated hardware:
   log-prob recomputation pass;
 - weight sync is bytes / bandwidth + latency: over NVLink inside the node when training and
   generation share the accelerators (colocated), over the nodes' network otherwise;
-- KV-cache capacity bounds the sequences an engine runs at once.
+- KV-cache capacity bounds the sequences an engine runs at once;
+- a migrated group's KV cache (every context token's K and V) moves between engines over the nodes'
+  network, plus the fixed cost of a weight update (a conservative stand-in for setting up a
+  point-to-point transfer).
 
 Arrangements: `colocated` (generation and training take turns on all accelerators: the synchronous
 baseline's natural home), or `disaggregated` (`rollout_engines` engines generate while the other
@@ -163,6 +166,12 @@ class Cluster:
             bandwidth = self.accelerator.node_net_bytes_per_s * self.tp / 8
         return self.model.weight_bytes / bandwidth + self.eff.sync_latency_s
 
+    def migrate_s(self, context_tokens: int) -> float:
+        """Moving running sequences with `context_tokens` of KV cache from one engine to another
+        (disaggregated engines: one node each at TP8, so over the network)."""
+        bandwidth = self.accelerator.node_net_bytes_per_s * min(self.tp, 8) / 8
+        return context_tokens * self.model.kv_bytes_per_token / bandwidth + self.eff.sync_latency_s
+
 
 @dataclass(slots=True, frozen=True)
 class LengthModel:
@@ -250,3 +259,6 @@ class ClusterWorkload:
 
     def load_time(self, version: int) -> float:
         return self.cluster.sync_s(self.arrangement.colocated)
+
+    def migrate_time(self, context_tokens: int) -> float:
+        return self.cluster.migrate_s(context_tokens)

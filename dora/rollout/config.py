@@ -84,6 +84,12 @@ class RolloutConfig:
     fill_older_versions: bool = True
     """An engine that does not (yet) hold the newest version may take new groups on its older
     version while the deadline invariant allows (DORA: older versions fill idle slots)."""
+    migrate: bool | None = None
+    """Move a group's running samples, KV cache included, from a single-version engine that drains
+    before a version switch to another engine serving the same version, so that the draining engine
+    empties and switches sooner (DORA's request migration). None = on in multi_version where every
+    engine supports it (the torch engine does, vLLM does not), off in the baselines; True in a
+    baseline mode is an error, and True with an engine that cannot migrate fails at start."""
     wait_timeout_s: float = 1800.0
     """How long the trainer (or a version switch) may wait before the adapter raises, naming what
     it waited for."""
@@ -109,6 +115,11 @@ class RolloutConfig:
         if self.group_placement is GroupPlacement.whole and self.group_size > self.max_seqs_per_engine:
             raise ValueError(f"rollout.max_seqs_per_engine ({self.max_seqs_per_engine}) must be >= rollout.group_size"
                              f" ({self.group_size}) when rollout.group_placement is whole")
+        if self.migrate is not None and not isinstance(self.migrate, bool):
+            raise TypeError(f"rollout.migrate must be true, false or null, got {self.migrate!r}")
+        if self.migrate and self.mode is not RolloutMode.multi_version:
+            raise ValueError(f"rollout.migrate=true is dora's request migration; mode {self.mode.value} is a"
+                             " baseline without it (set rollout.migrate=null or false)")
         if self.wait_timeout_s <= 0:
             raise ValueError(f"rollout.wait_timeout_s must be > 0, got {self.wait_timeout_s}")
 

@@ -8,6 +8,11 @@ actions into engine calls and engine output into events, stamped with `time.mono
 - `LoadVersion` -> `engine.add_version` in a worker thread (it copies tensors; torch work never
   runs on the event loop thread), then an `EngineLoaded` event;
 - each engine's `finished()` stream -> (optional async reward hook) -> `SampleFinished`;
+- `Migrate` -> `src.export_group` then `dst.import_group`, at once (the export waits for the
+  source engine's step in progress to end): no other action or event comes between the core's
+  decision and the move. A sample of the group that finished on the source before the move is
+  already streaming back from there; it is reported as finished on the destination, where the
+  core counts it. Engines without `export_group`/`import_group` (vLLM) turn migration off;
 - `StartStep` resolves the trainer's pending `next_batch`.
 
 Everything runs on one event loop, so the synchronous core needs no locks. Every wait has a timeout
@@ -24,8 +29,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import torch
 
 from dora.engines.base import Engine
-from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, Event, LoadVersion, SampleFinished, StartStep,
-                                 StepRequested, Submit, Tick, VersionPublished)
+from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, Event, LoadVersion, Migrate, SampleFinished,
+                                 StartStep, StepRequested, Submit, Tick, VersionPublished)
 from dora.rollout.scheduler import Scheduler
 from dora.types import Batch, FinishReason, SamplingParams, Trajectory
 
@@ -50,6 +55,14 @@ class RolloutDriver:
         if scheduler.config.partial:
             raise ValueError("rollout.mode=partial_rollout swaps weights under running sequences, which the Engine"
                              " protocol forbids (drop_version refuses running sequences): it runs in the simulator only")
+        movable = [callable(getattr(e, "export_group", None)) and callable(getattr(e, "import_group", None))
+                   for e in engines]
+        if scheduler.migrate and not all(movable):
+            if scheduler.config.migrate:
+                raise ValueError(f"rollout.migrate=true but engine {movable.index(False)}"
+                                 f" ({type(engines[movable.index(False)]).__name__}) cannot migrate running groups"
+                                 " (no export_group/import_group); set rollout.migrate=null or false")
+            scheduler.migrate = False
         self.scheduler = scheduler
         self.engines = list(engines)
         self.sampling = sampling
@@ -61,6 +74,9 @@ class RolloutDriver:
         self._weights: dict[int, Mapping[str, torch.Tensor]] = {}
         self._offsets: dict[tuple[int, int], tuple[int, int]] = {}
         """(group_id, engine_id) of a split group's chunk -> (first sample_idx, samples not back yet)."""
+        self._reported_as: dict[tuple[int, int], tuple[int, int]] = {}
+        """(group_id, source engine) of a migration -> (destination, samples that finished on the
+        source before the move and are reported as finished on the destination)."""
         self._tasks: set[asyncio.Task] = set()
         self._batch: asyncio.Future[Batch] | None = None
         self._error: BaseException | None = None
@@ -134,9 +150,39 @@ class RolloutDriver:
             elif isinstance(action, DropVersion):
                 self.engines[action.engine_id].drop_version(action.version)
                 self._forget_unused_weights()
+            elif isinstance(action, Migrate):
+                self._migrate(action)
             elif isinstance(action, StartStep):
                 assert self._batch is not None and not self._batch.done(), "a batch nobody asked for"
                 self._batch.set_result(action.batch)
+
+    def _migrate(self, action: Migrate) -> None:
+        key = (action.group_id, action.src)
+        moving = self.engines[action.src].export_group(action.group_id)  # type: ignore[attr-defined]
+        moved = 0 if moving is None else moving.num_samples
+        if moving is not None:
+            self.engines[action.dst].import_group(moving)  # type: ignore[attr-defined]
+        if key in self._offsets:
+            offset, left = self._offsets.pop(key)
+            if moved:
+                self._offsets[(action.group_id, action.dst)] = (offset, moved)
+            if left > moved:
+                self._offsets[key] = (offset, left - moved)
+        if action.num_samples > moved:
+            self._reported_as[key] = (action.dst, action.num_samples - moved)
+
+    def _counted_on(self, group_id: int, engine_id: int) -> int:
+        """The engine the core counts a finished sample on when it is fed (the destination if its
+        group migrated after it finished and before the core heard of it)."""
+        moved = self._reported_as.get((group_id, engine_id))
+        if moved is None:
+            return engine_id
+        dst, left = moved
+        if left > 1:
+            self._reported_as[(group_id, engine_id)] = (dst, left - 1)
+        else:
+            del self._reported_as[(group_id, engine_id)]
+        return dst
 
     async def _load(self, engine_id: int, version: int) -> None:
         engine = self.engines[engine_id]
@@ -167,12 +213,12 @@ class RolloutDriver:
             if self.reward is not None and traj.finish_reason is not FinishReason.ABORT:
                 self._spawn(self._score_then_feed(engine.engine_id, traj))
             else:
-                self._feed(SampleFinished(self.clock(), engine.engine_id, traj))
+                self._feed(SampleFinished(self.clock(), self._counted_on(traj.group_id, engine.engine_id), traj))
 
     async def _score_then_feed(self, engine_id: int, traj: Trajectory) -> None:
         assert self.reward is not None
         await self.reward(traj)
-        self._feed(SampleFinished(self.clock(), engine_id, traj))
+        self._feed(SampleFinished(self.clock(), self._counted_on(traj.group_id, engine_id), traj))
 
     async def _tick(self) -> None:
         while True:

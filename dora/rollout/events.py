@@ -6,7 +6,7 @@ simulated clock in `dora.rollout.sim` and the tests). `Scheduler.handle(event)` 
 the driver must carry out, in order.
 
 Events: `SampleFinished`, `StepRequested`, `VersionPublished`, `EngineLoaded`, `EnginesReset`, `Tick`.
-Actions: `Submit`, `Abort`, `LoadVersion`, `DropVersion`, `StartStep`.
+Actions: `Submit`, `Abort`, `LoadVersion`, `DropVersion`, `Migrate`, `StartStep`.
 """
 
 from __future__ import annotations
@@ -114,10 +114,29 @@ class DropVersion:
 
 
 @dataclass(slots=True, frozen=True)
+class Migrate:
+    """Move the samples of `group_id` still running on engine `src` to engine `dst`, both serving
+    `version`: their generated tokens, KV cache, log-probs and routing record go along, and they
+    go on decoding there as if nothing happened. The core counts all `num_samples` on `dst` from
+    now on, so the driver reports a sample that finished on `src` before the move (already
+    streaming back) as finished on `dst`. The core asks for it so that a single-version engine
+    draining before a switch empties sooner (DORA's request migration); each trajectory still has
+    one policy version."""
+
+    group_id: int
+    version: int
+    src: int
+    dst: int
+    num_samples: int
+    """How many samples of the group the core counts on `src` (running, or finished and not yet
+    reported)."""
+
+
+@dataclass(slots=True, frozen=True)
 class StartStep:
     """Train step `batch.step` on `batch` (B complete groups, earliest deadline first)."""
 
     batch: Batch
 
 
-Action = Union[Submit, Abort, LoadVersion, DropVersion, StartStep]
+Action = Union[Submit, Abort, LoadVersion, DropVersion, Migrate, StartStep]

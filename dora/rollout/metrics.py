@@ -59,6 +59,8 @@ class RolloutMetrics:
     """Groups aborted by on_stale=regenerate."""
     num_restarts: int = 0
     """Groups lost with a reset engine or a restore, re-queued."""
+    num_migrations: int = 0
+    """Group shares moved, running, from a draining engine to another one (`Migrate`)."""
     num_steps: int = 0
     max_in_flight: int = 0
 
@@ -74,12 +76,13 @@ class RolloutMetrics:
         """The run-long counters (a resumed run keeps counting; timelines restart with it)."""
         return {"staleness": {str(k): v for k, v in self.staleness.items()}, "num_admitted": self.num_admitted,
                 "num_regenerations": self.num_regenerations, "num_restarts": self.num_restarts,
-                "num_steps": self.num_steps, "max_in_flight": self.max_in_flight}
+                "num_migrations": self.num_migrations, "num_steps": self.num_steps, "max_in_flight": self.max_in_flight}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.staleness = Counter({int(k): int(v) for k, v in state["staleness"].items()})  # type: ignore[attr-defined]
         for key in ("num_admitted", "num_regenerations", "num_restarts", "num_steps", "max_in_flight"):
             setattr(self, key, int(state[key]))  # type: ignore[arg-type]
+        self.num_migrations = int(state.get("num_migrations", 0))  # type: ignore[arg-type]
 
     def summary(self) -> dict[str, float]:
         samples = sum(self.staleness.values())
@@ -88,6 +91,7 @@ class RolloutMetrics:
             "rollout/admitted": float(self.num_admitted),
             "rollout/regenerations": float(self.num_regenerations),
             "rollout/restarts": float(self.num_restarts),
+            "rollout/migrations": float(self.num_migrations),
             "rollout/trainer_wait_s": self.trainer_wait_s,
             "rollout/staleness_mean": sum(s * c for s, c in self.staleness.items()) / samples if samples else 0.0,
             "rollout/staleness_max": float(max(self.staleness, default=0)),

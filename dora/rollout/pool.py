@@ -22,6 +22,13 @@ Rules (DESIGN.md, "Switching"):
   leaving them empty while it drains. Engines only ever move to the newest version; a draining engine
   whose target was superseded is retargeted, so it lands on the newest version.
 
+Migration (`rollout.migrate`, on in multi_version): a single-version engine moved to the newest
+version hands its running groups to other engines serving its version, when they have room for all
+of them, and switches at once instead of draining. Receivers are engines still taking groups on
+that version, or draining engines with more running sequences (sequences flow towards fuller
+engines, so no group ever moves back and forth). `plan_migration` decides, the scheduler picks the
+groups, `migrate` moves the counts.
+
 New groups go to an engine's newest live version only (an older version of a multi-version engine
 is only draining). Capacity is counted in sequences (`max_seqs_per_engine`).
 
@@ -209,6 +216,45 @@ class RolloutPool:
             e.target = self.newest
             actions += self._maintain(e)
         return actions
+
+    # ---- migration ---------------------------------------------------------------------------
+
+    def draining(self) -> list[EngineSlot]:
+        """Single-version engines waiting for their running sequences to end before a switch,
+        emptiest first."""
+        return sorted((e for e in self.engines if e.max_versions == 1 and e.target is not None and e.num_running
+                       and len(e.live) == 1 and not e.loading), key=lambda e: (e.num_running, e.engine_id))
+
+    def plan_migration(self, src: EngineSlot, shares: list[tuple[int, int, frozenset[int]]]) -> list[tuple[int, int]] | None:
+        """Where each of `src`'s groups would go so that `src` empties, or None if they do not all fit.
+        `shares`: (group_id, samples on src, engines that already run samples of the group: a group
+        never gets two shares on one engine). -> [(group_id, dst)]. Receivers serve the same
+        version and either still take groups on it or drain with more running sequences than `src`;
+        the fullest receiver that fits comes first (consolidation), largest share first."""
+        (version,) = src.live
+        free = {e.engine_id: e.free for e in self.engines
+                if e is not src and version in e.live and not e.loading
+                and (e.accepting == version or (e.target is not None and (e.num_running, e.engine_id)
+                                                 > (src.num_running, src.engine_id)))}
+        if sum(free.values()) < src.num_running:
+            return None
+        order = sorted(free, key=lambda i: (-self.engines[i].num_running, i))
+        plan = []
+        for group_id, count, busy in sorted(shares, key=lambda s: (-s[1], s[0])):
+            dst = next((i for i in order if free[i] >= count and i not in busy), None)
+            if dst is None:
+                return None
+            free[dst] -= count
+            plan.append((group_id, dst))
+        return plan
+
+    def migrate(self, src: int, dst: int, version: int, num_samples: int,
+                time: float) -> list[LoadVersion | DropVersion]:
+        """Count `num_samples` running sequences of `version` on `dst` instead of `src`."""
+        d = self.engines[dst]
+        assert version in d.live and d.free >= num_samples, f"engine {dst} cannot take {num_samples} of v{version}"
+        self.occupy(dst, version, num_samples, time)
+        return self.release(src, version, num_samples, time)
 
     # ---- placement ---------------------------------------------------------------------------
 

@@ -23,9 +23,10 @@ from typing import Any, Protocol
 import torch
 
 from dora.buffer.buffer import TrajectoryBuffer
-from dora.rollout.config import OnStale, RolloutConfig
+from dora.rollout.config import OnStale, RolloutConfig, RolloutMode
 from dora.rollout.controller import VersionController
-from dora.rollout.events import (Abort, Action, EngineLoaded, EnginesReset, Event, SampleFinished, StartStep, StepRequested, Submit, Tick, VersionPublished)
+from dora.rollout.events import (Abort, Action, EngineLoaded, EnginesReset, Event, Migrate, SampleFinished, StartStep,
+                                 StepRequested, Submit, Tick, VersionPublished)
 from dora.rollout.metrics import RolloutMetrics, TrainerWait, WaitStatus
 from dora.rollout.pool import Placement, RolloutPool
 from dora.types import Batch, FinishReason, PromptGroup
@@ -66,6 +67,8 @@ class Scheduler:
                                 partial_rollout=config.partial, split_groups=config.group_placement.value == "split")
         self.buffer = TrajectoryBuffer(config.group_size, partial_rollout=config.partial)
         self.metrics = RolloutMetrics()
+        self.migrate = config.mode is RolloutMode.multi_version if config.migrate is None else config.migrate
+        """Request migration on (the driver turns it off where an engine cannot migrate)."""
         self._records: dict[int, GroupRecord] = {}
         self._unplaced: deque[int] = deque()
         self._requeued: deque[tuple[int, int]] = deque()
@@ -209,7 +212,30 @@ class Scheduler:
         # Moving drained engines to the new version one by one is DORA's rebalancing, not the baseline's.
         if not (self.config.waves and self.pool.runs_older_than(newest)):
             actions += self.pool.rebalance(queued, can_admit)
+        if self.migrate and self._migrate(time, actions):
+            self._admit(time, actions)  # emptied engines switched; what they load takes groups once live
         self.metrics.note_live(time, self.pool.live_versions())
+
+    def _migrate(self, time: float, actions: list[Action]) -> bool:
+        """Empty draining engines by moving their groups where they fit (see `RolloutPool`)."""
+        moved = False
+        for src in self.pool.draining():
+            e = src.engine_id
+            recs = [rec for rec in self._records.values() if rec.placement.get(e)]
+            shares = [(rec.group.group_id, rec.placement[e], frozenset(i for i, c in rec.placement.items() if c))
+                      for rec in recs]
+            plan = self.pool.plan_migration(src, shares)
+            if plan is None:
+                continue
+            for group_id, dst in plan:
+                rec = self._records[group_id]
+                count = rec.placement.pop(e)
+                rec.placement[dst] = count
+                actions.append(Migrate(group_id, rec.version, e, dst, count))
+                actions += self.pool.migrate(e, dst, rec.version, count, time)
+                self.metrics.num_migrations += 1
+            moved = True
+        return moved
 
     def _admit(self, time: float, actions: list[Action]) -> None:
         c = self.controller

@@ -11,7 +11,9 @@ the batch spans (each version's weights are read once per step), plus a term lin
 tokens held in the KV cache. The context grows by one token per sequence per step, so between two
 events the time to decode `d` more tokens is a quadratic in `d`, solved in closed form: the engine
 posts one event (its next completion), never one per token. Submitting a group stalls the engine
-for its prefill (once per group: its samples share the prompt through the prefix cache).
+for its prefill (once per group: its samples share the prompt through the prefix cache). A
+migrated group leaves its engine at once and joins the other one `migrate_time` later (its KV
+cache in transit), keeping the tokens it generated.
 
 `SimWorkload` is the small model the property tests use: a constant step time of 1/speed (every
 sequence decodes at `speed` tokens/s regardless of load, which isolates scheduling effects from
@@ -42,8 +44,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from dora.rollout.config import RolloutConfig
-from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, EnginesReset, LoadVersion, SampleFinished,
-                                 StartStep, StepRequested, Submit, VersionPublished)
+from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, EnginesReset, LoadVersion, Migrate,
+                                 SampleFinished, StartStep, StepRequested, Submit, VersionPublished)
 from dora.rollout.metrics import RolloutMetrics
 from dora.rollout.scheduler import Scheduler
 from dora.types import FinishReason, PromptGroup, Trajectory
@@ -134,6 +136,9 @@ class SimWorkloadLike(Protocol):
     def load_time(self, version: int) -> float:
         """Seconds from `LoadVersion` to the version being live on an engine (weight sync)."""
 
+    def migrate_time(self, context_tokens: int) -> float:
+        """Seconds to move running sequences holding `context_tokens` of KV cache between engines."""
+
 
 @dataclass(slots=True)
 class SimWorkload:
@@ -148,6 +153,7 @@ class SimWorkload:
     step_time_s: float = 1.0
     step_jitter: float = 0.0
     load_s: float = 0.05
+    migrate_s: float = 0.01
     seed: int = 0
     prompt_len: int = 4
 
@@ -165,6 +171,9 @@ class SimWorkload:
 
     def load_time(self, version: int) -> float:
         return self.load_s
+
+    def migrate_time(self, context_tokens: int) -> float:
+        return self.migrate_s
 
 
 @dataclass(slots=True)
@@ -280,12 +289,13 @@ class SimEngine:
                 done.append(self.remove((gid, idx)))
         return done
 
-    def add(self, seq: _Seq, prompt_len: int) -> None:
-        seq.start_progress = self.progress
+    def add(self, seq: _Seq, prompt_len: int, generated: float = 0.0) -> None:
+        """Start decoding `seq`, which already generated `generated` tokens (a migrated sequence)."""
+        seq.start_progress = self.progress - generated
         self.running[(seq.group.group_id, seq.sample_idx)] = seq
         self.executing[seq.max_version] = self.executing.get(seq.max_version, 0) + 1
-        self.ctx += prompt_len
-        heapq.heappush(self.targets, (self.progress + seq.length, seq.group.group_id, seq.sample_idx))
+        self.ctx += prompt_len + generated
+        heapq.heappush(self.targets, (seq.start_progress + seq.length, seq.group.group_id, seq.sample_idx))
         self.stamp += 1
 
     def prefill(self, t: float, prompt_len: int) -> None:
@@ -383,6 +393,11 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
     lengths: dict[tuple[int, int], int] = {}
     """Finished, not yet trained (group_id, sample_idx) -> response tokens."""
     touched: set[int] = set()
+    in_transit: dict[tuple[int, int], list[tuple[_Seq, float]]] = {}
+    """(group_id, destination engine) -> migrating sequences and the tokens they generated."""
+    reported_as: dict[tuple[int, int], tuple[int, int]] = {}
+    """(group_id, source engine) -> (destination, samples): finished on the source before a migration
+    but not reported yet (the core counts them on the destination), as a real driver sees it."""
     max_in_flight = 0
 
     def push(t: float, kind: str, payload: tuple) -> None:
@@ -416,7 +431,26 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
                     for key in [key for key in eng.running if key[0] == a.group_id]:
                         # Aborting is immediate (the slot is free at once); the ABORT record streams back.
                         push(t, "aborted", (e, eng.remove(key)))
+                    for seq, _ in in_transit.pop((a.group_id, e), ()):
+                        push(t, "aborted", (e, seq))
                     touched.add(e)
+            elif isinstance(a, Migrate):
+                src, dst = engines[a.src], engines[a.dst]
+                assert a.version in src.live and a.version in dst.live, \
+                    f"group {a.group_id} migrated on v{a.version} from {sorted(src.live)} to {sorted(dst.live)}"
+                src.advance(t)
+                moving = in_transit.pop((a.group_id, a.src), [])  # still on its way to src: redirected
+                for key in [key for key in src.running if key[0] == a.group_id]:
+                    seq = src.running[key]
+                    moving.append((seq, src.progress - seq.start_progress))
+                    src.remove(key)
+                if len(moving) < a.num_samples:
+                    reported_as[(a.group_id, a.src)] = (a.dst, a.num_samples - len(moving))
+                assert (a.group_id, a.dst) not in in_transit
+                in_transit[(a.group_id, a.dst)] = moving
+                context = sum(len(seq.group.prompt_ids) + round(g) for seq, g in moving)
+                push(t + w.migrate_time(context), "arrive", (a.dst, a.group_id, dst.epoch))
+                touched.add(a.src)
             elif isinstance(a, LoadVersion):
                 push(t + w.load_time(a.version), "loaded", (a.engine_id, a.version, engines[a.engine_id].epoch))
             elif isinstance(a, DropVersion):
@@ -471,7 +505,19 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
             touched.add(e)
             for seq in eng.pop_finished():
                 lengths[(seq.group.group_id, seq.sample_idx)] = seq.length
-                apply(sched.handle(SampleFinished(t, e, _trajectory(seq, FinishReason.STOP, e, t))), t)
+                apply(sched.handle(SampleFinished(t, _reporter(reported_as, seq.group.group_id, e),
+                                                  _trajectory(seq, FinishReason.STOP, e, t))), t)
+        elif kind == "arrive":
+            e, group_id, epoch = payload
+            moving = in_transit.pop((group_id, e), None)
+            eng = engines[e]
+            if moving is None or epoch != eng.epoch:
+                continue  # aborted or reset on the way
+            eng.advance(t)
+            for seq, generated in moving:
+                eng.add(seq, len(seq.group.prompt_ids), generated)
+            assert len(eng.running) <= eng.max_seqs, f"engine {e} over capacity after a migration"
+            touched.add(e)
         elif kind == "aborted":
             e, seq = payload
             apply(sched.handle(SampleFinished(t, e, _trajectory(seq, FinishReason.ABORT, e, t))), t)
@@ -487,11 +533,13 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
             (version,) = payload
             apply(sched.handle(VersionPublished(t, version)), t)
             if version == crash_at_step:
+                in_transit.clear()
                 for eng in engines:
                     eng.reset(t)
                 apply(sched.handle(EnginesReset(t, tuple(range(w.num_engines)))), t)
             if version == restore_at_step:
                 sched = _round_trip(sched, config, w, t)
+                in_transit.clear()
                 for eng in engines:
                     eng.reset(t)
                 apply(sched.start(t), t)
@@ -508,6 +556,19 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
     return SimResult(steps, submits, t, [e.idle_s for e in engines], [e.seq_s for e in engines],
                      sched.pool.idle_s(t), config.max_seqs_per_engine, sched.metrics, max_in_flight, num_events,
                      sum(e.decoded for e in engines))
+
+
+def _reporter(reported_as: dict[tuple[int, int], tuple[int, int]], group_id: int, engine_id: int) -> int:
+    """The engine the core counts a finished sample on (its destination if its group migrated)."""
+    moved = reported_as.get((group_id, engine_id))
+    if moved is None:
+        return engine_id
+    dst, left = moved
+    if left > 1:
+        reported_as[(group_id, engine_id)] = (dst, left - 1)
+    else:
+        del reported_as[(group_id, engine_id)]
+    return dst
 
 
 def _trajectory(seq: _Seq, reason: FinishReason, engine_id: int, t: float) -> Trajectory:

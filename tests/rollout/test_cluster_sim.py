@@ -161,6 +161,22 @@ def test_versions_per_engine_trade_drain_stalls_for_weight_reads():
     assert two.end_time < one.end_time
 
 
+def test_migration_empties_draining_engines():
+    # Single-version engines: without migration an engine moved to the newest version keeps its slots
+    # for its last, longest samples; with it, they move to an engine still on that version.
+    s = small_scenario()
+    on = run_mode(s, "dora_k2", Arrangement(False, 4), max_live_versions=1)
+    off = run_mode(s, "dora_k2", Arrangement(False, 4), max_live_versions=1, migrate=False)
+    assert on.result.metrics.num_migrations > 0 and off.result.metrics.num_migrations == 0
+    assert on.mean_batch > off.mean_batch  # slots that drained empty now hold moved samples
+    # Every prompt trained once, on one version, within k, either way.
+    for run in (on, off):
+        assert all(v == m for step in run.result.steps for v, m in zip(step.versions, step.max_versions))
+        assert all(step.step - v <= 2 for step in run.result.steps for v in step.versions)
+    # Two versions per engine never drain before a switch: nothing to migrate.
+    assert run_mode(s, "dora_k2", Arrangement(False, 4)).result.metrics.num_migrations == 0
+
+
 def test_best_arrangement_searches_around_the_balanced_split():
     s = small_scenario(16)
     search = best_arrangement(s, "dora_k2")

@@ -34,6 +34,7 @@ def schedules(draw, k=None):
         kwargs["max_staleness"] = k
     if kwargs["mode"] == "multi_version":
         kwargs["max_live_versions"] = draw(st.integers(1, 3))
+        kwargs["migrate"] = draw(st.booleans())
     config = RolloutConfig(**kwargs)
     workload = SimWorkload(
         num_prompts=draw(st.integers(1, 10)) * B + draw(st.integers(0, B - 1)),
@@ -43,6 +44,7 @@ def schedules(draw, k=None):
         tail_alpha=draw(st.sampled_from([0.7, 1.1, 2.0, 5.0])),
         max_tokens=draw(st.sampled_from([64, 512, 4096])),
         step_time_s=draw(st.sampled_from([0.01, 0.3, 2.0, 10.0])),
+        migrate_s=draw(st.sampled_from([0.0, 0.01, 1.0])),
         step_jitter=draw(st.sampled_from([0.0, 1.0])),
         load_s=draw(st.sampled_from([0.0, 0.05, 1.0])),
         seed=draw(st.integers(0, 2**16)),
