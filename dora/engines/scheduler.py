@@ -93,9 +93,18 @@ class MigratingGroup:
     stop_ids: frozenset[int]
     seqs: list[SeqRecord] | None
 
+    @classmethod
+    def of(cls, g: GroupState, seqs: list[SeqRecord] | None) -> MigratingGroup:
+        return cls(g.group, g.version, g.sampling, g.base_seed, g.queued_at, g.stop_ids, seqs)
+
     @property
     def num_samples(self) -> int:
         return self.group.num_samples if self.seqs is None else len(self.seqs)
+
+    def state(self, prefilled: int = 0) -> GroupState:
+        """The group's schedule entry on the receiving engine (no samples yet)."""
+        return GroupState(group=self.group, version=self.version, sampling=self.sampling, base_seed=self.base_seed,
+                          queued_at=self.queued_at, prefilled=prefilled, stop_ids=self.stop_ids)
 
 
 @dataclass(slots=True)
@@ -380,8 +389,7 @@ class Scheduler:
         for m in self.arriving:
             if m.group.group_id == group_id:
                 self.arriving.remove(m)
-                g = GroupState(group=m.group, version=m.version, sampling=m.sampling, base_seed=m.base_seed,
-                               queued_at=m.queued_at, stop_ids=m.stop_ids)
+                g = m.state()
                 return [SeqState(group=g, sample_idx=r.sample_idx, slot=-1, seed=r.seed, length=r.length,
                                  num_generated=r.num_generated) for r in m.seqs or ()]
         return None
@@ -399,7 +407,7 @@ class Scheduler:
                     self.prefilling.remove(g)
                     for seq in g.seqs:
                         self.release(seq)
-                return MigratingGroup(g.group, g.version, g.sampling, g.base_seed, g.queued_at, g.stop_ids, None)
+                return MigratingGroup.of(g, None)
         for m in self.arriving:
             if m.group.group_id == group_id:
                 self.arriving.remove(m)
@@ -419,24 +427,21 @@ class Scheduler:
                                          c.logprobs_SM[s.slot, :n].to("cpu", copy=True),
                                          c.kv_LSMCD[:, s.slot, :n].to("cpu", copy=True), routing))
                 self.release(s)
-            g = mine[0].group
-            return MigratingGroup(g.group, g.version, g.sampling, g.base_seed, g.queued_at, g.stop_ids, records)
+            return MigratingGroup.of(mine[0].group, records)
         return None
 
     def import_group(self, m: MigratingGroup) -> None:
         """Take over a group exported by another engine: a group not prefilled yet waits first in
         line; running samples go on decoding from their records once slots are free."""
         if m.seqs is None:
-            self.waiting.appendleft(GroupState(group=m.group, version=m.version, sampling=m.sampling,
-                                               base_seed=m.base_seed, queued_at=m.queued_at, stop_ids=m.stop_ids))
+            self.waiting.appendleft(m.state())
         elif m.seqs:
             self.arriving.append(m)
 
     def _place_arrived(self, m: MigratingGroup) -> None:
         assert m.seqs is not None
         c = self.cache
-        g = GroupState(group=m.group, version=m.version, sampling=m.sampling, base_seed=m.base_seed,
-                       queued_at=m.queued_at, prefilled=len(m.group.prompt_ids), stop_ids=m.stop_ids)
+        g = m.state(prefilled=len(m.group.prompt_ids))
         for rec, slot in zip(m.seqs, self.slots.allocate(len(m.seqs))):
             n = rec.length
             c.tokens_SM[slot, :n] = rec.tokens_M.to(c.tokens_SM.device)

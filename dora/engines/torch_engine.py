@@ -195,11 +195,7 @@ class TorchEngine:
     def _export(self, group_id: int) -> MigratingGroup | None:
         """In the stepping thread: hand the group over (once the inbox and imports reached the schedule)."""
         with self._lock:
-            inbox, self._inbox = self._inbox, []
-            imports, self._imports = self._imports, []
-        self._scheduler.waiting.extend(inbox)
-        for group in imports:
-            self._scheduler.import_group(group)
+            self._take_requests()
         moving = self._scheduler.export_group(group_id)
         if moving is not None:
             with self._lock:
@@ -228,14 +224,10 @@ class TorchEngine:
     def _step(self) -> list[Trajectory]:
         with self._lock:
             live = self._live
-            inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
-            imports, self._imports = self._imports, []
             exports, self._exports = self._exports, []
+            self._take_requests()
         sched = self._scheduler
-        sched.waiting.extend(inbox)
-        for group in imports:
-            sched.import_group(group)
         for group_id, future in exports:
             try:
                 future.set_result(self._export(group_id))
@@ -274,6 +266,14 @@ class TorchEngine:
                     del self._group_remaining[t.group_id]
             self._snapshot = self._schedule_snapshot()
         return trajectories
+
+    def _take_requests(self) -> None:
+        """Submitted and migrated-in groups into the schedule (stepping thread, lock held)."""
+        inbox, self._inbox = self._inbox, []
+        imports, self._imports = self._imports, []
+        self._scheduler.waiting.extend(inbox)
+        for group in imports:
+            self._scheduler.import_group(group)
 
     def _schedule_snapshot(self) -> tuple[bool, dict[int, int], int, int]:
         sched = self._scheduler

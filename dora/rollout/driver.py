@@ -30,7 +30,7 @@ import torch
 
 from dora.engines.base import Engine
 from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, Event, LoadVersion, Migrate, SampleFinished,
-                                 StartStep, StepRequested, Submit, Tick, VersionPublished)
+                                 StartStep, StepRequested, Submit, Tick, VersionPublished, counted_on)
 from dora.rollout.scheduler import Scheduler
 from dora.types import Batch, FinishReason, SamplingParams, Trajectory
 
@@ -76,7 +76,8 @@ class RolloutDriver:
         """(group_id, engine_id) of a split group's chunk -> (first sample_idx, samples not back yet)."""
         self._reported_as: dict[tuple[int, int], tuple[int, int]] = {}
         """(group_id, source engine) of a migration -> (destination, samples that finished on the
-        source before the move and are reported as finished on the destination)."""
+        source before the move and are reported as finished on the destination, when fed: after
+        the reward hook, since the core may move a group while one of its samples is scored)."""
         self._tasks: set[asyncio.Task] = set()
         self._batch: asyncio.Future[Batch] | None = None
         self._error: BaseException | None = None
@@ -171,19 +172,6 @@ class RolloutDriver:
         if action.num_samples > moved:
             self._reported_as[key] = (action.dst, action.num_samples - moved)
 
-    def _counted_on(self, group_id: int, engine_id: int) -> int:
-        """The engine the core counts a finished sample on when it is fed (the destination if its
-        group migrated after it finished and before the core heard of it)."""
-        moved = self._reported_as.get((group_id, engine_id))
-        if moved is None:
-            return engine_id
-        dst, left = moved
-        if left > 1:
-            self._reported_as[(group_id, engine_id)] = (dst, left - 1)
-        else:
-            del self._reported_as[(group_id, engine_id)]
-        return dst
-
     async def _load(self, engine_id: int, version: int) -> None:
         engine = self.engines[engine_id]
         started = self.clock()
@@ -213,12 +201,13 @@ class RolloutDriver:
             if self.reward is not None and traj.finish_reason is not FinishReason.ABORT:
                 self._spawn(self._score_then_feed(engine.engine_id, traj))
             else:
-                self._feed(SampleFinished(self.clock(), self._counted_on(traj.group_id, engine.engine_id), traj))
+                engine_id = counted_on(self._reported_as, traj.group_id, engine.engine_id)
+                self._feed(SampleFinished(self.clock(), engine_id, traj))
 
     async def _score_then_feed(self, engine_id: int, traj: Trajectory) -> None:
         assert self.reward is not None
         await self.reward(traj)
-        self._feed(SampleFinished(self.clock(), self._counted_on(traj.group_id, engine_id), traj))
+        self._feed(SampleFinished(self.clock(), counted_on(self._reported_as, traj.group_id, engine_id), traj))
 
     async def _tick(self) -> None:
         while True:

@@ -132,6 +132,21 @@ class Migrate:
     reported)."""
 
 
+def counted_on(finished_before_move: dict[tuple[int, int], tuple[int, int]], group_id: int, engine_id: int) -> int:
+    """The engine to report a finished sample of `group_id` from `engine_id` on: the destination of
+    a `Migrate` if the sample finished on its source before the move and the core was not told yet.
+    `finished_before_move`: (group_id, src) -> (dst, such samples not reported yet); counted down."""
+    moved = finished_before_move.get((group_id, engine_id))
+    if moved is None:
+        return engine_id
+    dst, left = moved
+    if left > 1:
+        finished_before_move[(group_id, engine_id)] = (dst, left - 1)
+    else:
+        del finished_before_move[(group_id, engine_id)]
+    return dst
+
+
 @dataclass(slots=True, frozen=True)
 class StartStep:
     """Train step `batch.step` on `batch` (B complete groups, earliest deadline first)."""
