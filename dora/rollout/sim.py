@@ -45,7 +45,7 @@ from safetensors.torch import save as save_safetensors
 
 from dora.rollout.config import RolloutConfig
 from dora.rollout.events import (Abort, Action, DropVersion, EngineLoaded, EnginesReset, LoadVersion, Migrate,
-                                 SampleFinished, StartStep, StepRequested, Submit, VersionPublished)
+                                 SampleFinished, StartStep, StepRequested, Submit, VersionPublished, counted_on)
 from dora.rollout.metrics import RolloutMetrics
 from dora.rollout.scheduler import Scheduler
 from dora.types import FinishReason, PromptGroup, Trajectory
@@ -226,6 +226,8 @@ class SimEngine:
     stamp: int = 0
     """Bumped on every change, so a posted completion event can tell it is out of date."""
     epoch: int = 0
+    incoming: int = 0
+    """Migrated sequences on their way here: their slots are taken, so the engine is not idle."""
     last_t: float = 0.0
     idle_s: float = 0.0
     seq_s: float = 0.0
@@ -233,7 +235,7 @@ class SimEngine:
 
     def account(self, t: float) -> None:
         dt = t - self.last_t
-        if not self.running:
+        if not self.running and not self.incoming:
             self.idle_s += dt
         self.seq_s += len(self.running) * dt
         self.last_t = t
@@ -335,6 +337,7 @@ class SimEngine:
         self.executing.clear()
         self.targets.clear()
         self.ctx = 0.0
+        self.incoming = 0
         self.stamp += 1
 
 
@@ -432,6 +435,7 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
                         # Aborting is immediate (the slot is free at once); the ABORT record streams back.
                         push(t, "aborted", (e, eng.remove(key)))
                     for seq, _ in in_transit.pop((a.group_id, e), ()):
+                        eng.incoming -= 1
                         push(t, "aborted", (e, seq))
                     touched.add(e)
             elif isinstance(a, Migrate):
@@ -439,7 +443,9 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
                 assert a.version in src.live and a.version in dst.live, \
                     f"group {a.group_id} migrated on v{a.version} from {sorted(src.live)} to {sorted(dst.live)}"
                 src.advance(t)
+                dst.advance(t)
                 moving = in_transit.pop((a.group_id, a.src), [])  # still on its way to src: redirected
+                src.incoming -= len(moving)
                 for key in [key for key in src.running if key[0] == a.group_id]:
                     seq = src.running[key]
                     moving.append((seq, src.progress - seq.start_progress))
@@ -448,6 +454,7 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
                     reported_as[(a.group_id, a.src)] = (a.dst, a.num_samples - len(moving))
                 assert (a.group_id, a.dst) not in in_transit
                 in_transit[(a.group_id, a.dst)] = moving
+                dst.incoming += len(moving)
                 context = sum(len(seq.group.prompt_ids) + round(g) for seq, g in moving)
                 push(t + w.migrate_time(context), "arrive", (a.dst, a.group_id, dst.epoch))
                 touched.add(a.src)
@@ -505,7 +512,7 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
             touched.add(e)
             for seq in eng.pop_finished():
                 lengths[(seq.group.group_id, seq.sample_idx)] = seq.length
-                apply(sched.handle(SampleFinished(t, _reporter(reported_as, seq.group.group_id, e),
+                apply(sched.handle(SampleFinished(t, counted_on(reported_as, seq.group.group_id, e),
                                                   _trajectory(seq, FinishReason.STOP, e, t))), t)
         elif kind == "arrive":
             e, group_id, epoch = payload
@@ -514,6 +521,7 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
             if moving is None or epoch != eng.epoch:
                 continue  # aborted or reset on the way
             eng.advance(t)
+            eng.incoming -= len(moving)
             for seq, generated in moving:
                 eng.add(seq, len(seq.group.prompt_ids), generated)
             assert len(eng.running) <= eng.max_seqs, f"engine {e} over capacity after a migration"
@@ -556,19 +564,6 @@ def simulate(config: RolloutConfig, workload: SimWorkloadLike, *, crash_at_step:
     return SimResult(steps, submits, t, [e.idle_s for e in engines], [e.seq_s for e in engines],
                      sched.pool.idle_s(t), config.max_seqs_per_engine, sched.metrics, max_in_flight, num_events,
                      sum(e.decoded for e in engines))
-
-
-def _reporter(reported_as: dict[tuple[int, int], tuple[int, int]], group_id: int, engine_id: int) -> int:
-    """The engine the core counts a finished sample on (its destination if its group migrated)."""
-    moved = reported_as.get((group_id, engine_id))
-    if moved is None:
-        return engine_id
-    dst, left = moved
-    if left > 1:
-        reported_as[(group_id, engine_id)] = (dst, left - 1)
-    else:
-        del reported_as[(group_id, engine_id)]
-    return dst
 
 
 def _trajectory(seq: _Seq, reason: FinishReason, engine_id: int, t: float) -> Trajectory:
